@@ -1,0 +1,1 @@
+"""Codegen: lowers the optimized IR to generated Triton kernels."""

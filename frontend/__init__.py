@@ -1,0 +1,6 @@
+"""Frontend: torch.export trace -> decomposition -> meshweave graph IR."""
+
+from .convert import convert, source_line
+from .trace import PRESERVED_OPS, decompose, export_model
+
+__all__ = ["convert", "decompose", "export_model", "source_line", "PRESERVED_OPS"]

@@ -1,0 +1,15 @@
+"""The graph IR: types, Graph/Node/Value, the op registry and rule tables, printer, verifier."""
+
+from .errors import MeshweaveError, UnsupportedOpError, VerificationError
+from .graph import Graph, Node, Value
+from .printer import print_graph
+from .registry import OPS, RuleTable, lookup, register_op
+from .sharding import Partial, Replicate, Shard
+from .types import ScalarType, TensorType
+from .verify import verify
+
+__all__ = [
+    "Graph", "Node", "Value", "TensorType", "ScalarType", "OPS", "RuleTable", "lookup",
+    "register_op", "print_graph", "verify", "Replicate", "Shard", "Partial",
+    "MeshweaveError", "UnsupportedOpError", "VerificationError",
+]

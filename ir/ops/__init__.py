@@ -1,0 +1,17 @@
+"""The core op set: the ops meshweave's registry knows, with shape and cost rules.
+
+The frontend decomposes a torch.export trace to torch's Core ATen IR (the documented set in
+torch/_decomp, `torch.export.default_decompositions()`), keeping three higher-level ops whole
+because later passes exploit them: aten.linear (Megatron row/column parallelism, matmul
+epilogues), aten.scaled_dot_product_attention (flash attention, head sharding) and
+aten.embedding (vocab-parallel embedding). Size arithmetic on SymInts uses the `sym.*` ops.
+
+Modules, by op category:
+  pointwise.py   elementwise and type-conversion ops (broadcasting shape rule)
+  reductions.py  sum/mean/amax/softmax/layer_norm and friends
+  shape_ops.py   views, reshapes, permutes, slicing, concatenation, indexing
+  linalg.py      mm/bmm/addmm/linear/sdpa/convolution/embedding
+  misc.py        tensor creation, random-free utilities and SymInt arithmetic
+"""
+
+from . import linalg, misc, pointwise, reductions, shape_ops  # noqa: F401

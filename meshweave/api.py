@@ -1,0 +1,94 @@
+"""meshweave.compile: trace -> convert -> passes -> backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from meshweave import env
+from meshweave.compiled import CompiledModel
+from meshweave.frontend import convert, decompose, export_model
+from meshweave.ir.types import tensor_type_of
+from meshweave.options import CompileOptions, default_options
+from meshweave.passes.pipeline import default_pipeline, run_pipeline
+from meshweave.signature import InputSlot, Signature, _path_name
+
+
+def _select_passes(names):
+    table = {p.name: p for p in default_pipeline()}
+    if names is None:
+        return list(table.values())
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; known: {sorted(table)}")
+    return [table[n] for n in names]
+
+
+def _signature(ep: torch.export.ExportedProgram, graph) -> Signature:
+    in_spec = ep.call_spec.in_spec
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user_names = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in placeholders if n.name in user_names]
+    example = torch.utils._pytree.tree_unflatten(vals, in_spec)
+    paths = [_path_name(p) for p, _ in torch.utils._pytree.tree_flatten_with_path(example)[0]]
+    slots = []
+    for path, val in zip(paths, vals):
+        expected = tensor_type_of(val) if isinstance(val, torch.Tensor) else val
+        slots.append(InputSlot(path, expected))
+    return Signature(in_spec, slots, graph.symbols, paths)
+
+
+def compile(
+    model: torch.nn.Module,
+    args: Any = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    options: CompileOptions | None = None,
+) -> CompiledModel:
+    """Compile `model` for the example inputs `args`/`kwargs`.
+
+    dynamic_shapes is torch.export's argument (e.g. {"x": {0: torch.export.Dim("batch")}});
+    those dimensions become sympy symbols in the IR and may vary from call to call.
+    """
+    options = options or default_options()
+    if not isinstance(args, tuple):
+        args = (args,)
+    ep = export_model(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=options.strict)
+    if options.decompose:
+        ep = decompose(ep)
+    name = type(model).__name__
+    graph = convert(ep, eager_fallback=options.eager_fallback, name=name)
+    dump_dir = options.dump_dir or env.dump_dir()
+    optimized = run_pipeline(graph, _select_passes(options.passes), dump_dir=dump_dir,
+                             verify_each=options.verify)
+    cm = CompiledModel(optimized, _signature(ep, graph), ep.call_spec.out_spec, options, graph,
+                       name)
+    _attach_backend(cm, options)
+    if dump_dir:
+        cm.dump(dump_dir)
+    return cm
+
+
+def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:
+    backend = options.backend
+    if backend is None:
+        backend = "triton" if _graph_on_cuda(cm) and _triton_available() else "eager"
+    cm.backend = backend
+    if backend == "triton":
+        from meshweave.codegen import attach_triton_backend
+
+        attach_triton_backend(cm)
+
+
+def _graph_on_cuda(cm: CompiledModel) -> bool:
+    return any(getattr(v.type, "device", "cpu") == "cuda" for v in cm.graph.all_values())
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,186 @@
+"""The `meshweave` command line (also `python -m meshweave`).
+
+Subcommands register themselves in COMMANDS: a name, an argparse setup function and a handler.
+Errors that come from bad input print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+DEFAULT_MODEL = "gpt-tiny"
+
+
+def command(name: str, help: str):
+    def deco(setup: Callable):
+        def register(handler: Callable):
+            COMMANDS[name] = (help, setup, handler)
+            return handler
+
+        return register
+
+    return deco
+
+
+class CLIError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"zoo model name (default {DEFAULT_MODEL}); `meshweave models` lists them")
+    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    p.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    p.add_argument("--backend", choices=["eager", "triton"], default=None,
+                   help="execution backend (default: triton on CUDA, eager on CPU)")
+
+
+def load_model(name: str, batch: int, seq: int, device: str = "cpu"):
+    from meshweave.models import UnknownModelError, get_model_spec
+
+    try:
+        spec = get_model_spec(name)
+    except UnknownModelError as e:
+        raise CLIError(str(e).strip("'\"")) from None
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    model = spec.build(device=device)
+    return spec, model.eval(), spec.example_inputs(batch=batch, seq=seq, device=device)
+
+
+def compile_zoo_model(args) -> "object":
+    import meshweave
+    from meshweave.progress import step
+
+    spec, model, inputs = load_model(args.model, args.batch, args.seq)
+    opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None))
+    with step(f"compiling {args.model}"):
+        cm = meshweave.compile(model, inputs, options=opts)
+    return model, inputs, cm
+
+
+def _setup_compile(p):
+    _add_model_args(p)
+    p.add_argument("--dump", metavar="DIR", help="write the IR after every pass under DIR")
+
+
+@command("compile", "trace, optimize and run a zoo model; compare with eager")(_setup_compile)
+def _compile(args) -> int:
+    import torch
+
+    model, inputs, cm = compile_zoo_model(args)
+    print(cm.explain())
+    with torch.no_grad():
+        expected, got = model(*inputs), cm(*inputs)
+    err = _max_error(expected, got)
+    print(f"max |meshweave - eager| = {err:.3e}")
+    return 0
+
+
+def _max_error(a, b) -> float:
+    import torch
+    import torch.utils._pytree as pytree
+
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    errs = [(x.float() - y.float()).abs().max().item() for x, y in zip(la, lb)
+            if isinstance(x, torch.Tensor) and x.numel()]
+    return max(errs, default=0.0)
+
+
+def _setup_dump(p):
+    _add_model_args(p)
+    p.add_argument("--what", default="ir", help="ir | ops (more with later components)")
+
+
+DUMPERS: dict[str, Callable] = {}
+
+
+def dumper(name: str):
+    def deco(fn):
+        DUMPERS[name] = fn
+        return fn
+
+    return deco
+
+
+@dumper("ir")
+def _dump_ir(args) -> str:
+    return str(compile_zoo_model(args)[2].graph)
+
+
+@dumper("ops")
+def _dump_ops(args) -> str:
+    from meshweave.ir.registry import OPS, RuleTable, lookup
+
+    lookup("aten.add.Tensor")
+    lines = [f"{name}  [{info.category}]" for name, info in sorted(OPS.items())]
+    for kind, table in sorted(RuleTable.tables.items()):
+        lines.append(f"# {kind} rules: {len(table.rules)} ops")
+    return "\n".join(lines)
+
+
+@command("dump", "print an artifact of a compiled zoo model (the IR, ...)")(_setup_dump)
+def _dump(args) -> int:
+    what = args.what.split(":")[0]
+    if what not in DUMPERS:
+        raise CLIError(f"--what {args.what!r} is not known; choose from {sorted(DUMPERS)}")
+    print(DUMPERS[what](args))
+    return 0
+
+
+@command("models", "list the model zoo")(lambda p: None)
+def _models(args) -> int:
+    from meshweave.models import get_model_spec, list_models
+
+    for name in list_models():
+        print(f"{name:22s} {get_model_spec(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(
+        prog="meshweave",
+        description="meshweave: compile, plan and inspect PyTorch models. "
+                    "Run `meshweave <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (help_text, setup, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        setup(p)
+    return parser
+
+
+def _load_plugins() -> None:
+    """Commands of other components register themselves when their module is imported."""
+    import importlib
+
+    for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from meshweave.ir.errors import MeshweaveError
+
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except (CLIError, MeshweaveError, ValueError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"meshweave {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""CompiledModel: what meshweave.compile returns. Called like the model it came from."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from meshweave.ir.graph import Graph
+from meshweave.ir.printer import print_graph
+from meshweave.ir.registry import lookup
+from meshweave.options import CompileOptions
+from meshweave.runtime.reference import run_graph
+from meshweave.signature import Signature
+
+
+class CompiledModel:
+    """A traced, optimized model.
+
+    .graph        the optimized IR (printable)
+    .explain()    a readable summary: ops, fallbacks, passes, dynamic dims
+    .dump(dir)    write the IR (and backend artifacts) under `dir`
+    """
+
+    def __init__(self, graph: Graph, signature: Signature, out_spec: pytree.TreeSpec,
+                 options: CompileOptions, frontend_graph: Graph, model_name: str):
+        self.graph = graph
+        self.frontend_graph = frontend_graph
+        self.signature = signature
+        self.out_spec = out_spec
+        self.options = options
+        self.model_name = model_name
+        self.backend = options.backend or "eager"
+        self._runner: Callable[[list[Any]], list[Any]] = self._run_reference
+        self.artifacts: dict[str, Any] = {}
+
+    # --- calling -------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.options.check_inputs:
+            leaves = self.signature.flatten(args, kwargs)
+        else:
+            leaves = pytree.tree_flatten((args, kwargs))[0]
+        outs = self._runner(leaves)
+        outs = self._apply_mutations(outs, leaves)
+        return pytree.tree_unflatten(outs, self.out_spec)
+
+    def _run_reference(self, leaves: list[Any]) -> list[Any]:
+        return run_graph(self.graph, leaves)
+
+    def _apply_mutations(self, outs: list[Any], leaves: list[Any]) -> list[Any]:
+        mutations = self.graph.meta.get("mutations") or []
+        if not mutations:
+            return outs
+        drop = set()
+        user_names = [v.target for v in self.graph.user_inputs]
+        for index, kind, target in mutations:
+            drop.add(index)
+            if kind == "buffer_mutation":
+                v = next(v for v in self.graph.inputs if v.target == target)
+                self.graph.tensors[v.name].copy_(outs[index])
+            else:
+                leaves[user_names.index(target)].copy_(outs[index])
+        return [o for i, o in enumerate(outs) if i not in drop]
+
+    # --- inspection ----------------------------------------------------------------------------
+    @property
+    def fallback_ops(self) -> list[tuple[str, str]]:
+        return [(n.op, n.source) for n in self.graph.nodes if n.attrs.get("fallback")]
+
+    def explain(self) -> str:
+        g = self.graph
+        n_params = sum(t.numel() for v, t in ((v, g.tensors.get(v.name)) for v in g.inputs)
+                       if t is not None and v.kind == "param")
+        lines = [
+            f"meshweave compiled model: {self.model_name}",
+            f"  backend: {self.backend}",
+            f"  inputs: " + ", ".join(f"%{v.name}: {v.type}" for v in g.user_inputs),
+            f"  parameters: {n_params:,} elements in "
+            f"{sum(1 for v in g.inputs if v.kind == 'param')} tensors",
+            f"  nodes: {len(self.frontend_graph.nodes)} traced -> {len(g.nodes)} after passes",
+        ]
+        if g.symbols:
+            lines.append("  dynamic dims: " + ", ".join(
+                f"{s} in [{lo}, {'inf' if hi is None else hi}] (traced at {h})"
+                for s, (h, lo, hi) in g.symbols.items()))
+        lines.append("  passes: " + ", ".join(
+            f"{r.name} ({r.seconds * 1e3:.1f} ms, {r.nodes_before}->{r.nodes_after})"
+            for r in g.provenance))
+        counts = sorted(g.op_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        lines.append("  ops: " + ", ".join(f"{op} x{c}" for op, c in counts))
+        fallbacks = self.fallback_ops
+        if fallbacks:
+            lines.append(f"  eager fallback ({len(fallbacks)} nodes, no registry entry):")
+            lines += [f"    {op}  at {src or '?'}" for op, src in fallbacks]
+        else:
+            lines.append("  eager fallback: none")
+        flops = _total_flops(g)
+        if flops is not None:
+            lines.append(f"  estimated FLOPs per call: {flops:,}")
+        for name, art in self.artifacts.items():
+            summary = getattr(art, "summary", None)
+            if callable(summary):
+                lines.append(f"  {name}: {summary()}")
+        return "\n".join(lines)
+
+    def dump(self, directory: str) -> list[str]:
+        os.makedirs(directory, exist_ok=True)
+        written = []
+        for name, g in (("frontend", self.frontend_graph), ("final", self.graph)):
+            path = os.path.join(directory, f"{name}.mwir")
+            with open(path, "w") as f:
+                f.write(print_graph(g))
+            written.append(path)
+        path = os.path.join(directory, "explain.txt")
+        with open(path, "w") as f:
+            f.write(self.explain() + "\n")
+        written.append(path)
+        for name, art in self.artifacts.items():
+            dumper = getattr(art, "dump", None)
+            if callable(dumper):
+                written += dumper(directory)
+        return written
+
+    def __repr__(self) -> str:
+        return f"<CompiledModel {self.model_name}: {len(self.graph.nodes)} nodes, {self.backend}>"
+
+
+def _total_flops(g: Graph) -> int | None:
+    from meshweave.ir.graph import map_values
+
+    total = 0
+    hints = g.hints()
+    for n in g.nodes:
+        info = lookup(n.op)
+        if info is None or info.flops is None:
+            continue
+        try:
+            f = info.flops(map_values(n.args, lambda v: v.type),
+                           map_values(n.kwargs, lambda v: v.type), [o.type for o in n.outputs])
+        except (AttributeError, TypeError, IndexError):
+            continue
+        if hasattr(f, "subs"):
+            f = f.subs(hints)
+        total += int(f)
+    return total

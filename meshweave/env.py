@@ -1,0 +1,22 @@
+"""Every environment variable meshweave reads, in one place, each with its meaning.
+
+MESHWEAVE_DUMP_DIR     write the IR after every pass (and generated kernels) under this folder,
+                       as if CompileOptions(dump_dir=...) were given.
+MESHWEAVE_CACHE_DIR    where generated kernels are cached (default: ~/.cache/meshweave).
+TRITON_INTERPRET       read by Triton itself; set to 1 before triton is imported to run
+                       generated kernels on CPU (meshweave sets it when backend="triton" runs
+                       on a machine without CUDA and triton is not yet imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def dump_dir() -> str | None:
+    return os.environ.get("MESHWEAVE_DUMP_DIR") or None
+
+
+def cache_dir() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "meshweave")
+    return os.environ.get("MESHWEAVE_CACHE_DIR") or default

@@ -1,0 +1,66 @@
+"""CompileOptions: every knob of meshweave.compile, typed, frozen and documented."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Options for meshweave.compile.
+
+    eager_fallback: ops with no registry entry run through torch eager (listed by explain());
+        when False they raise UnsupportedOpError naming the op and the user's source line.
+    backend: "eager" (reference executor), "triton" (generated kernels), or None to pick
+        triton on CUDA and eager on CPU.
+    strict: passed to torch.export (non-strict by default, as torch.export recommends).
+    decompose: lower the trace to meshweave's core op set before conversion.
+    passes: pass names to run, in order; None runs the default pipeline.
+    dump_dir: write the IR after every pass here (also MESHWEAVE_DUMP_DIR).
+    verify: run the IR verifier after every pass.
+    check_inputs: validate call arguments against the traced signature.
+    mesh: a meshweave.DeviceMesh to plan for (parallel planning issue).
+    hardware: hardware spec name or path used by cost models.
+    training: plan/compile a training step rather than inference.
+    """
+
+    eager_fallback: bool = True
+    backend: str | None = None
+    strict: bool = False
+    decompose: bool = True
+    passes: tuple[str, ...] | None = None
+    dump_dir: str | None = None
+    verify: bool = True
+    check_inputs: bool = True
+    mesh: Any = None
+    hardware: str | None = None
+    training: bool = False
+
+    def __post_init__(self):
+        if self.backend not in (None, "eager", "triton"):
+            raise ValueError(f"CompileOptions.backend={self.backend!r}: expected 'eager', "
+                             f"'triton' or None")
+        if self.passes is not None and not isinstance(self.passes, tuple):
+            object.__setattr__(self, "passes", tuple(self.passes))
+
+    def replace(self, **changes: Any) -> "CompileOptions":
+        return dataclasses.replace(self, **changes)
+
+
+_default = [CompileOptions()]
+
+
+def default_options() -> CompileOptions:
+    return _default[-1]
+
+
+@contextlib.contextmanager
+def options_override(**changes: Any) -> Iterator[CompileOptions]:
+    """Temporarily change the defaults used when compile() gets no options (for tests)."""
+    _default.append(_default[-1].replace(**changes))
+    try:
+        yield _default[-1]
+    finally:
+        _default.pop()
