@@ -27,6 +27,12 @@ _PY_OPS = {
     operator.floordiv: "sym.floordiv",
     operator.mod: "sym.mod",
     operator.neg: "sym.neg",
+    operator.gt: "sym.gt",
+    operator.lt: "sym.lt",
+    operator.ge: "sym.ge",
+    operator.le: "sym.le",
+    operator.eq: "sym.eq",
+    operator.ne: "sym.ne",
 }
 _INPUT_KIND = {
     InputKind.USER_INPUT: "user",
@@ -42,7 +48,7 @@ def source_line(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
     for path, line, fn, code in reversed(frames):
-        if "/site-packages/torch/" in path or "/torch/_" in path:
+        if "/site-packages/torch/" in path or "/torch/_" in path or path.startswith("<eval_"):
             continue
         short = "/".join(path.split("/")[-2:])
         code = code.strip()
@@ -65,13 +71,17 @@ def _value_type(val):
         return tensor_type_of(val)
     if isinstance(val, torch.SymInt):
         return ScalarType("int", sym_to_dim(val))
-    if isinstance(val, bool):
+    if isinstance(val, (bool, torch.SymBool)):
         return ScalarType("bool")
     if isinstance(val, int):
         return ScalarType("int", val)
     if isinstance(val, (float, torch.SymFloat)):
         return ScalarType("float")
     return OpaqueType(type(val).__name__)
+
+
+class _Subgraph(str):
+    """A control-flow branch referenced by a higher-order op; meshweave does not inline them."""
 
 
 class _Converter:
@@ -88,6 +98,9 @@ class _Converter:
                 self._placeholder(node, specs[node.name])
             elif node.op == "call_function":
                 self._call(node)
+            elif node.op == "get_attr":
+                # Only higher-order ops (cond, map) reference submodules here.
+                self.env[node] = _Subgraph(str(node.target))
             elif node.op == "output":
                 self._output(node)
             else:
@@ -118,8 +131,11 @@ class _Converter:
         name = op_name(node.target)
         src = source_line(node)
         fallback = lookup(name) is None
+        if name.startswith("higher_order."):
+            raise UnsupportedOpError(name, src, hint="data-dependent control flow "
+                                     "(torch.cond/map) is not supported; make the branch static")
         if fallback:
-            if not self.fallback or name.startswith("higher_order."):
+            if not self.fallback:
                 raise UnsupportedOpError(name, src)
             resolve_torch_op(name)  # fails early, with the op named, if torch cannot run it
         val = node.meta.get("val")

@@ -18,7 +18,12 @@ from .types import ScalarType, TensorType
 def _dims_equal(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    diff = sympy.simplify(sympy.sympify(a) - sympy.sympify(b))
+    if diff == 0:
+        return True
+    # Unbacked symbols (u0, u1: sizes that depend on data) are fresh at each use in the trace,
+    # so equality through them is undecidable here; it is checked when the op runs.
+    return any(s.name.startswith("u") for s in diff.free_symbols)
 
 
 def types_agree(declared, inferred) -> bool:

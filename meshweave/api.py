@@ -28,7 +28,8 @@ def _select_passes(names):
 def _signature(ep: torch.export.ExportedProgram, graph) -> Signature:
     in_spec = ep.call_spec.in_spec
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    user_names = set(ep.graph_signature.user_inputs)
+    user_names = {s.arg.name for s in ep.graph_signature.input_specs
+                  if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}
     vals = [n.meta.get("val") for n in placeholders if n.name in user_names]
     example = torch.utils._pytree.tree_unflatten(vals, in_spec)
     paths = [_path_name(p) for p, _ in torch.utils._pytree.tree_flatten_with_path(example)[0]]

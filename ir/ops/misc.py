@@ -12,7 +12,7 @@ import operator
 import torch
 
 from ..registry import register_op
-from ..types import ScalarType, TensorType
+from ..types import OpaqueType, ScalarType, TensorType
 from .common import as_dim, numel
 
 
@@ -120,10 +120,19 @@ _SYM_OPS = {
     "sym.mod": operator.mod,
     "sym.neg": operator.neg,
 }
+_SYM_COMPARE = {
+    "sym.gt": operator.gt, "sym.lt": operator.lt, "sym.ge": operator.ge,
+    "sym.le": operator.le, "sym.eq": operator.eq, "sym.ne": operator.ne,
+}
 _SYM_SHAPE = {"sym.floordiv": _floordiv}
 for _name, _fn in _SYM_OPS.items():
     register_op(_name, _fn, shape=_sym_result(_SYM_SHAPE.get(_name, _fn)),
                 flops=lambda a, k, o: 0, category="sym")
+
+
+for _name, _fn in _SYM_COMPARE.items():
+    register_op(_name, _fn, shape=lambda *a: [ScalarType("bool")], flops=lambda a, k, o: 0,
+                category="sym")
 
 
 def _sym_size_rule(x, dim):
@@ -147,3 +156,8 @@ def _constant_rule(value):
 
 register_op("prim.constant", lambda value: value, shape=_constant_rule, flops=lambda a, k, o: 0,
             category="constant", doc="a Python constant returned by the model")
+
+
+register_op("aten._assert_tensor_metadata.default", shape=lambda *a, **k: [OpaqueType("none")],
+            flops=lambda a, k, o: 0, category="assert",
+            doc="a trace-time metadata check; dead after tracing, DCE removes it")

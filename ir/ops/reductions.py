@@ -131,7 +131,26 @@ register_op("aten._native_batch_norm_legit_no_training.default", shape=_batch_no
 
 
 def _cumsum_rule(x, dim, *, dtype=None):
-    return [TensorType(x.shape, dtype or x.dtype, x.device)]
+    if dtype is None:
+        dtype = x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
+    return [TensorType(x.shape, dtype, x.device)]
 
 
 register_op("aten.cumsum.default", shape=_cumsum_rule, flops=_input_flops, category="scan")
+
+
+def _topk_rule(x, k, dim=-1, largest=True, sorted=True):
+    d = norm_dim(dim, x.rank)
+    shape = list(x.shape)
+    shape[d] = k
+    return [x.with_shape(shape), TensorType(tuple(shape), torch.int64, x.device)]
+
+
+register_op("aten.topk.default", shape=_topk_rule, flops=_input_flops, category="sort")
+
+
+def _sort_rule(x, dim=-1, descending=False):
+    return [x, TensorType(x.shape, torch.int64, x.device)]
+
+
+register_op("aten.sort.default", shape=_sort_rule, flops=_input_flops, category="sort")

@@ -1,0 +1,185 @@
+"""Mixture-of-experts decoder with dense (static-shape) top-k dispatch.
+
+Each block is Llama-style attention (RoPE, GQA, RMSNorm) followed by an MoE
+feed-forward layer:
+
+* a softmax router picks the top-k experts per token and renormalises their
+  probabilities; the choice is turned into dense combine weights
+  ``[tokens, experts]`` (zero for unselected experts) by comparing the top-k
+  indices with ``arange(E)``, so no shape depends on routing decisions;
+* every expert runs on every token as one batched matmul over stacked expert
+  weights (``experts.w_in`` / ``experts.w_gate`` [E, d, f], ``experts.w_out``
+  [E, f, d]); the leading expert dim is what an expert-parallel pass shards;
+* optionally a shared dense expert is mixed in as in DeepSpeed's PR-MoE
+  "residual MoE": ``out = moe(x) * c0 + mlp(x) * c1`` with
+  ``c = softmax(Linear(d, 2)(x))``.
+
+Dense dispatch wastes FLOPs (E/k times) but keeps the graph free of
+data-dependent shapes, which is what the exporter and planner need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import RMSNorm, SwiGLU, init_normal_, rope_cos_sin, token_inputs
+from .llama import GQAttention
+from .registry import register_model
+
+
+@dataclass
+class MoEConfig:
+    """Hyper-parameters of the MoE decoder."""
+
+    vocab_size: int = 128
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 4
+    top_k: int = 2
+    expert_ffn_size: int = 128
+    expert_activation: str = "swiglu"  # "swiglu" or "gelu"
+    shared_expert: bool = True  # PR-MoE residual expert
+    shared_ffn_size: int = 128
+    max_seq_len: int = 64
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.expert_activation not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown expert_activation {self.expert_activation!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError("need 1 <= top_k <= num_experts")
+
+
+class TopKRouter(nn.Module):
+    """Softmax router returning dense combine weights [T, E] with k non-zeros per row."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        expert_ids = torch.arange(self.num_experts, device=x.device)
+        one_hot = (top_i[..., None] == expert_ids).to(top_p.dtype)  # [T, k, E]
+        return (one_hot * top_p[..., None]).sum(dim=1).to(x.dtype)  # [T, E]
+
+
+class StackedExperts(nn.Module):
+    """E expert MLPs stored as stacked weights; every expert processes every token."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        if activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def reset_parameters(self, std: float) -> None:
+        for p in self.parameters(recurse=False):
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, d], ``combine`` [T, E] -> weighted sum of expert outputs [T, d]."""
+        xe = x.unsqueeze(0).expand(self.w_in.shape[0], -1, -1)  # [E, T, d]
+        h = torch.bmm(xe, self.w_in)  # [E, T, f]
+        if self.activation == "swiglu":
+            h = F.silu(torch.bmm(xe, self.w_gate)) * h
+        else:
+            h = F.gelu(h, approximate="tanh")
+        y = torch.bmm(h, self.w_out)  # [E, T, d]
+        return (combine.t().unsqueeze(-1) * y).sum(dim=0)
+
+
+class MoEFeedForward(nn.Module):
+    """Router + stacked experts, with an optional PR-MoE shared (residual) expert."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.router = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.top_k)
+        self.experts = StackedExperts(
+            cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size, cfg.expert_activation
+        )
+        self.shared_expert = (
+            SwiGLU(cfg.hidden_size, cfg.shared_ffn_size) if cfg.shared_expert else None
+        )
+        self.coefficient = nn.Linear(cfg.hidden_size, 2) if cfg.shared_expert else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        out = self.experts(tokens, self.router(tokens))
+        if self.shared_expert is not None:
+            coef = F.softmax(self.coefficient(tokens), dim=-1)
+            out = out * coef[:, 0:1] + self.shared_expert(tokens) * coef[:, 1:2]
+        return out.reshape(b, s, d)
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm block: GQA attention then MoE feed-forward."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = GQAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
+        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = MoEFeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.moe(self.moe_norm(x))
+
+
+class MoEDecoder(nn.Module):
+    """MoE LM: ``forward(input_ids [B, S] int64) -> logits [B, S, vocab]``."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for module in self.modules():
+            init_normal_(module, cfg.init_std)
+            if isinstance(module, StackedExperts):
+                module.reset_parameters(cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        cos, sin = rope_cos_sin(
+            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+        )
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def _moe_inputs(cfg: MoEConfig, batch: int, seq: int, device: str | torch.device) -> tuple:
+    return token_inputs(cfg.vocab_size, batch, seq, device, cfg.max_seq_len)
+
+
+register_model(
+    "moe-tiny",
+    MoEConfig,
+    MoEDecoder,
+    _moe_inputs,
+    "MoE decoder for tests: 2 layers, hidden 64, 4 SwiGLU experts top-2, shared PR-MoE expert",
+    family="moe",
+)

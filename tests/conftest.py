@@ -1,0 +1,31 @@
+"""Shared test helpers: numerics against eager with a one-line repro in every failure."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.utils._pytree as pytree  # noqa: E402
+
+
+def assert_same_outputs(expected, got, *, rtol=1e-5, atol=1e-5, repro: str = "") -> None:
+    """Every leaf of `got` matches `expected` (tensors within tolerance, others equal)."""
+    le, lg = pytree.tree_leaves(expected), pytree.tree_leaves(got)
+    assert type(expected) is type(got) or isinstance(got, type(expected)), (
+        f"output type {type(got).__name__} != {type(expected).__name__}. repro: {repro}")
+    assert len(le) == len(lg), f"{len(lg)} output leaves, expected {len(le)}. repro: {repro}"
+    for i, (x, y) in enumerate(zip(le, lg)):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(y, x, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"leaf {i}: {m}\nrepro: {repro}")
+        else:
+            assert x == y, f"leaf {i}: {y!r} != {x!r}. repro: {repro}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
