@@ -60,7 +60,9 @@ def format_node(n: Node, with_source: bool = True) -> str:
     return line
 
 
-def print_graph(g: Graph, with_source: bool = True) -> str:
+def print_graph(g: Graph, with_source: bool = True, with_timings: bool = False) -> str:
+    """The graph as text. Timings are off by default so that dumps of one program compare
+    equal across runs."""
     users = ", ".join(_value_decl(v) for v in g.user_inputs)
     lines = [f"graph {g.name}({users}) {{"]
     for v in g.state_inputs:
@@ -72,8 +74,6 @@ def print_graph(g: Graph, with_source: bool = True) -> str:
     for sym, (hint, lo, hi) in sorted(g.symbols.items(), key=lambda kv: str(kv[0])):
         lines.append(f"# symbol {sym} = {hint} in [{lo}, {'inf' if hi is None else hi}]")
     for rec in g.provenance:
-        lines.append(
-            f"# pass {rec.name}: {rec.seconds * 1e3:.2f} ms, nodes {rec.nodes_before} -> "
-            f"{rec.nodes_after}"
-        )
+        timing = f"{rec.seconds * 1e3:.2f} ms, " if with_timings else ""
+        lines.append(f"# pass {rec.name}: {timing}nodes {rec.nodes_before} -> {rec.nodes_after}")
     return "\n".join(lines) + "\n"
