@@ -32,6 +32,7 @@ class OpInfo:
     flops: FlopRule | None = None
     category: str = "other"  # pointwise | reduction | view | matmul | attention | creation | ...
     doc: str = ""
+    bytes: FlopRule | None = None  # bytes moved to/from memory; default: inputs + outputs
 
 
 OPS: dict[str, OpInfo] = {}
@@ -45,9 +46,10 @@ def register_op(
     flops: FlopRule | None = None,
     category: str = "other",
     doc: str = "",
+    bytes: FlopRule | None = None,
 ) -> OpInfo:
     """Add (or replace) an op. `eager` defaults to the torch op of the same name."""
-    info = OpInfo(name, eager or resolve_torch_op(name), shape, flops, category, doc)
+    info = OpInfo(name, eager or resolve_torch_op(name), shape, flops, category, doc, bytes)
     OPS[name] = info
     return info
 
@@ -122,3 +124,44 @@ def _ensure_core_ops() -> None:
 
 def tensor_types(types: list[ValueType]) -> list[TensorType]:
     return [t for t in types if isinstance(t, TensorType)]
+
+
+# Categories whose ops move no data of their own (views are index arithmetic; sym ops are host
+# scalars).
+_NO_TRAFFIC = {"view", "sym", "constant", "assert"}
+
+
+def default_bytes(category: str, args: tuple, kwargs: dict, outs: list) -> Dim:
+    """Bytes an op reads and writes when nothing is fused: its tensor inputs and outputs."""
+    if category in _NO_TRAFFIC:
+        return 0
+    def tensors(tree):
+        if isinstance(tree, TensorType):
+            yield tree
+        elif isinstance(tree, (list, tuple)):
+            for x in tree:
+                yield from tensors(x)
+        elif isinstance(tree, dict):
+            for x in tree.values():
+                yield from tensors(x)
+
+    total: Dim = 0
+    for t in list(tensors((args, kwargs))) + list(tensors(outs)):
+        total = total + t.nbytes()
+    return total
+
+
+def node_cost(node) -> tuple[Dim, Dim]:
+    """(FLOPs, bytes moved) of one IR node by its registry rules; (0, 0) for unknown ops."""
+    from .graph import map_values
+
+    info = lookup(node.op)
+    if info is None:
+        return 0, 0
+    args = map_values(node.args, lambda v: v.type)
+    kwargs = map_values(node.kwargs, lambda v: v.type)
+    outs = [o.type for o in node.outputs]
+    flops = info.flops(args, kwargs, outs) if info.flops else 0
+    moved = (info.bytes(args, kwargs, outs) if info.bytes
+             else default_bytes(info.category, args, kwargs, outs))
+    return flops, moved

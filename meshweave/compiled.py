@@ -10,7 +10,6 @@ import torch.utils._pytree as pytree
 
 from meshweave.ir.graph import Graph
 from meshweave.ir.printer import print_graph
-from meshweave.ir.registry import lookup
 from meshweave.options import CompileOptions
 from meshweave.runtime.reference import run_graph
 from meshweave.signature import Signature
@@ -96,9 +95,8 @@ class CompiledModel:
             lines += [f"    {op}  at {src or '?'}" for op, src in fallbacks]
         else:
             lines.append("  eager fallback: none")
-        flops = _total_flops(g)
-        if flops is not None:
-            lines.append(f"  estimated FLOPs per call: {flops:,}")
+        flops, moved = _total_cost(g)
+        lines.append(f"  estimated FLOPs per call: {flops:,}; bytes moved (unfused): {moved:,}")
         for name, art in self.artifacts.items():
             summary = getattr(art, "summary", None)
             if callable(summary):
@@ -127,21 +125,17 @@ class CompiledModel:
         return f"<CompiledModel {self.model_name}: {len(self.graph.nodes)} nodes, {self.backend}>"
 
 
-def _total_flops(g: Graph) -> int | None:
-    from meshweave.ir.graph import map_values
+def _total_cost(g: Graph) -> tuple[int, int] | None:
+    """FLOPs and bytes moved per call, at the traced sizes of any dynamic dims."""
+    from meshweave.ir.registry import node_cost
 
-    total = 0
     hints = g.hints()
+    flops = moved = 0
     for n in g.nodes:
-        info = lookup(n.op)
-        if info is None or info.flops is None:
-            continue
         try:
-            f = info.flops(map_values(n.args, lambda v: v.type),
-                           map_values(n.kwargs, lambda v: v.type), [o.type for o in n.outputs])
+            f, b = node_cost(n)
         except (AttributeError, TypeError, IndexError):
             continue
-        if hasattr(f, "subs"):
-            f = f.subs(hints)
-        total += int(f)
-    return total
+        flops += int(f.subs(hints) if hasattr(f, "subs") else f)
+        moved += int(b.subs(hints) if hasattr(b, "subs") else b)
+    return flops, moved

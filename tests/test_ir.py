@@ -144,3 +144,16 @@ def test_graph_copy_is_deep_for_structure():
     c.nodes.pop()
     assert len(g.nodes) == len(c.nodes) + 1
     assert all(a is not b for a, b in zip(g.all_values(), c.all_values()))
+
+
+def test_node_cost_flops_and_bytes():
+    from meshweave.ir.registry import node_cost
+
+    g = _frontend_graph(torch.nn.Linear(8, 16), torch.randn(4, 8))
+    (lin,) = [n for n in g.nodes if n.op == "aten.linear.default"]
+    flops, moved = node_cost(lin)
+    assert flops == 2 * 4 * 8 * 16
+    assert moved == 4 * (4 * 8 + 16 * 8 + 16 + 4 * 16)  # x, weight, bias, out in fp32
+    view = Node("aten.view.default", (g.user_inputs[0], [32]), {}, ())
+    view.outputs = (Value("v", TensorType((32,), torch.float32), view),)
+    assert node_cost(view) == (0, 0)

@@ -93,8 +93,13 @@ def _embedding_rule(weight, indices, padding_idx=-1, scale_grad_by_freq=False, s
     return [TensorType(tuple(indices.shape) + (weight.shape[1],), weight.dtype, weight.device)]
 
 
+def _embedding_bytes(args, kwargs, outs):
+    # Reads only the gathered rows and the indices, not the whole table.
+    return 2 * outs[0].nbytes() + args[1].nbytes()
+
+
 register_op("aten.embedding.default", shape=_embedding_rule, flops=lambda a, k, o: 0,
-            category="gather")
+            category="gather", bytes=_embedding_bytes)
 
 
 def _conv_out(size, k, stride, pad, dil):
