@@ -93,6 +93,11 @@ def _max_error(a, b) -> float:
 def _setup_dump(p):
     _add_model_args(p)
     p.add_argument("--what", default="ir", help="ir | ops (more with later components)")
+    p.add_argument("--dialect", choices=["torch", "linalg", "stablehlo", "tosa"],
+                   default="torch", help="MLIR dialect for --what mlir (default torch)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="dump rank N's program of the plan for --mesh (default: unpartitioned)")
+    p.add_argument("--mesh", default=None, help="device mesh for --rank, e.g. 'tp=2' or 'pp=2'")
 
 
 DUMPERS: dict[str, Callable] = {}
@@ -158,7 +163,7 @@ def _load_plugins() -> None:
     """Commands of other components register themselves when their module is imported."""
     import importlib
 
-    for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts"):
+    for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts", "meshweave.cli_run"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

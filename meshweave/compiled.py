@@ -21,6 +21,7 @@ class CompiledModel:
     .graph        the optimized IR (printable)
     .explain()    a readable summary: ops, fallbacks, passes, dynamic dims
     .dump(dir)    write the IR (and backend artifacts) under `dir`
+    .export_onnx(dir)  ONNX artifacts, checked in onnxruntime
     """
 
     def __init__(self, graph: Graph, signature: Signature, out_spec: pytree.TreeSpec,
@@ -120,6 +121,15 @@ class CompiledModel:
             if callable(dumper):
                 written += dumper(directory)
         return written
+
+    def export_onnx(self, directory: str, inputs=None, **kwargs: Any):
+        """Export the optimized graph as ONNX (opset 18), checked and run in onnxruntime.
+
+        With plan=<Plan>, writes one file per rank segment plus manifest.json.
+        """
+        from meshweave.codegen.onnx_export import export_onnx
+
+        return export_onnx(self, directory, inputs, **kwargs)
 
     def __repr__(self) -> str:
         return f"<CompiledModel {self.model_name}: {len(self.graph.nodes)} nodes, {self.backend}>"

@@ -14,4 +14,4 @@ Modules, by op category:
   misc.py        tensor creation, random-free utilities and SymInt arithmetic
 """
 
-from . import linalg, misc, pointwise, reductions, shape_ops  # noqa: F401
+from . import collectives, linalg, misc, pointwise, reductions, shape_ops  # noqa: F401

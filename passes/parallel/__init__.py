@@ -15,7 +15,8 @@ The solvers never look at the model graph or the hardware: callers turn both int
 """
 
 # --- planner front end: graph -> Plan -> per-rank programs (the automatic parallel planner) ---
-#   sharding_rules.py  per-op, per-mesh-axis sharding strategies (RuleTable "sharding")
+#   sharding_rules.py  per-op, per-mesh-axis sharding strategies (RuleTable "sharding");
+#                      sharding_shape_rules.py those of views, data movement and creation
 #   strategies.py      whole-mesh node strategies, batch-dim tracking, re-batched shapes
 #   layers.py          repeated-layer detection and the representative layer
 #   cost_model.py      per-strategy compute/memory and resharding cost matrices
@@ -27,6 +28,7 @@ The solvers never look at the model graph or the hardware: callers turn both int
 #   plan_build.py      Plan construction; reshard.py the collectives between placements
 #   lower.py / lower_rank.py / lower_rules.py   lower_for_rank(): per-rank programs
 #   simulate.py        simulate_plan(): every rank in one process (test oracle)
+#   calibrate.py       `meshweave calibrate`: measure the local device into a HardwareSpec
 _EXPORTS = {
     "plan_parallel": "search", "PlanningError": "strategies", "megatron_plan": "megatron_grid",
     "megatron_grid": "megatron_grid", "lower_for_rank": "lower", "shard_tensor": "lower",

@@ -1,0 +1,183 @@
+"""CLI commands for artifacts users take elsewhere: ONNX export, MLIR dumps, the plan report.
+
+    meshweave export --model gpt-tiny [--mesh tp=2] --out DIR
+    meshweave dump --model gpt-tiny --what mlir [--dialect linalg] [--mesh tp=2 --rank 1]
+    meshweave report --model gpt-tiny --mesh dp=2,tp=2,pp=2 -o plan.html
+
+meshweave/cli.py imports this module, which registers the commands and the `mlir` dumper.
+A mesh whose axes are all named dp/tp/pp gets the Megatron-style plan of those sizes
+(passes/parallel/megatron_grid.py); any other mesh goes to the planner (plan_parallel).
+"""
+
+from __future__ import annotations
+
+import os
+
+from meshweave.cli import CLIError, _add_model_args, command, compile_zoo_model, dumper
+
+MEGATRON_AXES = ("dp", "tp", "pp")
+
+
+def plan_for_mesh(
+    graph,
+    mesh_text: str,
+    *,
+    micro_batches: int = 1,
+    training: bool = False,
+    batch: int = 2,
+    hardware: str = "h100",
+):
+    """A Plan for `graph` on the mesh `mesh_text` ('tp=2', 'dp=2,tp=2,pp=2', '2x4', ...)."""
+    from meshweave.ir.mesh import DeviceMesh
+
+    try:
+        mesh = DeviceMesh.parse(mesh_text)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    names = mesh.names
+    try:
+        if mesh.axis_names is not None and set(names) <= set(MEGATRON_AXES):
+            from meshweave.passes.parallel.megatron_grid import megatron_plan
+
+            sizes = {n: mesh.axis_size(n) for n in names}
+            return megatron_plan(
+                graph,
+                sizes.get("dp", 1),
+                sizes.get("tp", 1),
+                sizes.get("pp", 1),
+                micro_batches=micro_batches,
+                training=training,
+                spec=hardware,
+            )
+        from meshweave.passes.parallel.search import plan_parallel
+
+        return plan_parallel(graph, mesh, hardware, batch=batch, training=training)
+    except ImportError as e:
+        raise CLIError(f"parallel planning is not available in this build ({e})") from None
+
+
+def _lower_rank(graph, plan, rank: int):
+    from meshweave.passes.parallel.lower import lower_for_rank
+
+    if not 0 <= rank < plan.world_size:
+        raise CLIError(f"--rank {rank} is outside the plan's {plan.world_size} devices")
+    return lower_for_rank(graph, plan, rank)
+
+
+# --------------------------------------------------------------------------------- export
+def _setup_export(p) -> None:
+    _add_model_args(p)
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="partition for this mesh first ('tp=2', 'pp=2', 'dp=2,tp=2'); one file "
+        "per rank and segment plus manifest.json",
+    )
+    p.add_argument("--micro-batches", type=int, default=1, help="pipeline micro-batches")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: pinned 18)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the onnxruntime check against the reference executor",
+    )
+
+
+@command("export", "export a zoo model to ONNX (one file per rank when partitioned)")(_setup_export)
+def _export(args) -> int:
+    import torch
+    import torch.utils._pytree as pytree
+
+    from meshweave.codegen.onnx_export import OPSET, export_onnx, run_manifest
+
+    model, inputs, cm = compile_zoo_model(args)
+    plan = None
+    if args.mesh:
+        plan = plan_for_mesh(
+            cm.graph, args.mesh, micro_batches=args.micro_batches, batch=args.batch
+        )
+    result = export_onnx(
+        cm, args.out, list(inputs), plan=plan, opset=args.opset or OPSET, verify=not args.no_verify
+    )
+    print(result.summary())
+    for path in result.paths:
+        print(f"  {path}")
+    print(f"  {result.manifest_path}")
+    if not args.no_verify:
+        with torch.no_grad():
+            expected = [
+                x for x in pytree.tree_leaves(model(*inputs)) if isinstance(x, torch.Tensor)
+            ]
+        got = run_manifest(args.out, list(inputs))
+        err = max(
+            (
+                float((torch.as_tensor(g) - e).abs().max())
+                for g, e in zip(got, expected)
+                if e.numel()
+            ),
+            default=0.0,
+        )
+        print(f"max |onnxruntime - eager| = {err:.3e}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- mlir
+@dumper("mlir")
+def _dump_mlir(args) -> str:
+    from meshweave.codegen.mlir_dump import INSTALL_HINT, dump_mlir, torch_mlir_available
+
+    if not torch_mlir_available():
+        return INSTALL_HINT  # one line, exit status 0: the optional extra is not installed
+    _, inputs, cm = compile_zoo_model(args)
+    graph = cm.graph
+    rank = getattr(args, "rank", None)
+    mesh = getattr(args, "mesh", None)
+    if rank is not None:
+        if not mesh:
+            raise CLIError("--rank needs --mesh (the plan whose rank to dump)")
+        graph = _lower_rank(graph, plan_for_mesh(graph, mesh, batch=args.batch), rank)
+        inputs = None  # per-rank inputs may be slices; synthesized from the rank's types
+    return dump_mlir(graph, inputs, dialect=getattr(args, "dialect", None) or "torch")
+
+
+# --------------------------------------------------------------------------------- report
+def _setup_report(p) -> None:
+    _add_model_args(p)
+    p.add_argument("--mesh", required=True, help="device mesh, e.g. 'dp=2,tp=2,pp=2' or '2x4'")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="pipeline micro-batches (default: one per example, --batch)",
+    )
+    p.add_argument("--training", action="store_true", help="plan a training step")
+    p.add_argument("--hardware", default="h100", help="hardware preset or spec file (h100)")
+    p.add_argument(
+        "--capacity-gib",
+        type=float,
+        default=None,
+        help="device memory for the memory bars (default: the plan's hardware)",
+    )
+    p.add_argument("-o", "--out", default="plan.html", help="output file (default plan.html)")
+
+
+@command("report", "write a self-contained HTML report of a zoo model's parallel plan")(
+    _setup_report
+)
+def _report(args) -> int:
+    from meshweave.report import write_report
+
+    _, _, cm = compile_zoo_model(args)
+    plan = plan_for_mesh(
+        cm.graph,
+        args.mesh,
+        micro_batches=args.micro_batches or args.batch,
+        training=args.training,
+        batch=args.batch,
+        hardware=args.hardware,
+    )
+    cap = args.capacity_gib * 2**30 if args.capacity_gib else None
+    title = f"meshweave plan: {args.model} on {args.mesh}"
+    path = write_report(args.out, plan, cm.graph, capacity_bytes=cap, title=title)
+    print(f"wrote {os.path.abspath(path)}")
+    return 0

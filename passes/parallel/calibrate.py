@@ -1,0 +1,133 @@
+"""Measure the local device and write a HardwareSpec (`meshweave calibrate`).
+
+Measured: dense matmul FLOP/s in fp32 (and fp16/bf16 on CUDA), device memory (CUDA total
+memory, or the host's RAM), memory bandwidth (a large copy), and optionally a two-process
+gloo all-reduce on this host (latency from a tiny message, bandwidth from a large one) as the
+intra-node link. Everything else (devices per node, the inter-node link) comes from a preset.
+Measured rates are achieved rates, so the spec's efficiency factors are 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from .hardware import HardwareSpec, LinkSpec, get_spec
+
+
+def _timed(fn, iters: int) -> float:
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_flops(size: int, dtype: torch.dtype, device: str, budget_s: float = 0.5) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    once = _timed(lambda: a @ b, 1)
+    iters = max(1, min(50, int(budget_s / max(once, 1e-6))))
+    return 2 * size**3 / _timed(lambda: a @ b, iters)
+
+
+def memory_bandwidth(device: str, nbytes: int = 1 << 27) -> float:
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    return 2 * nbytes / _timed(lambda: y.copy_(x), 5)  # read + write
+
+
+def memory_capacity(device: str) -> float:
+    if device == "cuda":
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16e9
+
+
+def _allreduce_worker(rank: int, world: int, port: int, sizes: list[int], out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    times = []
+    for n in sizes:
+        t = torch.ones(n)
+        dist.all_reduce(t)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            dist.all_reduce(t)
+        times.append((time.perf_counter() - t0) / 5)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def loopback_link() -> LinkSpec:
+    """A 2-rank gloo all-reduce on 127.0.0.1: alpha from 4 bytes, beta from 16 MiB."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    sizes = [1, 1 << 22]
+    procs = [ctx.Process(target=_allreduce_worker, args=(r, 2, port, sizes, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    small, large = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    # 2-rank all-reduce: 2 steps of alpha and (2 * (n-1)/n) = 1 times the bytes
+    alpha = max(small / 2, 1e-7)
+    beta = (4 * sizes[1]) / max(large - small, 1e-9)
+    return LinkSpec(alpha, beta)
+
+
+def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, str]:
+    """A spec for this device, and a human-readable report of what was measured."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    preset = get_spec(base or ("h100" if cuda else "cpu"))
+    flops = {"float32": matmul_flops(size, torch.float32, device)}
+    if cuda:
+        for name, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+            flops[name] = matmul_flops(size, dt, device)
+    else:
+        flops.setdefault("float16", flops["float32"] / 2)
+    bw = memory_bandwidth(device)
+    mem = memory_capacity(device)
+    intra = loopback_link() if comm else preset.intra_node
+    name = (torch.cuda.get_device_name(0) if cuda else "local-cpu").replace(" ", "-").lower()
+    spec = dataclasses.replace(
+        preset,
+        name=f"calibrated-{name}",
+        flops=flops,
+        memory_bytes=mem,
+        memory_bandwidth=bw,
+        intra_node=intra,
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+        devices_per_node=torch.cuda.device_count() if cuda else preset.devices_per_node,
+    )
+    lines = [f"device {name} ({device})"]
+    lines += [f"  matmul {k}: {v / 1e12:.3f} TFLOP/s" for k, v in sorted(flops.items())]
+    lines.append(f"  memory {mem / 2**30:.1f} GiB, bandwidth {bw / 1e9:.1f} GB/s")
+    src = "measured (gloo loopback)" if comm else f"from preset {preset.name}"
+    lines.append(
+        f"  intra-node link: {intra.latency_s * 1e6:.1f} us, "
+        f"{intra.bandwidth_Bps / 1e9:.2f} GB/s ({src})"
+    )
+    return spec, "\n".join(lines)

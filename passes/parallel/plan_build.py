@@ -1,0 +1,220 @@
+"""Turn a configuration, a strategy assignment and a stage partition into a `Plan`.
+
+The assignment covers the reduced graph (pre, the representative layer, post); every other
+layer of the cluster copies its representative's placements (`expand_assignment`). Stages
+list the traced graph's nodes: pre on the first stage, post on the last, and each traced
+layer on the stage that holds its layer (a reduced-layer trace maps its layers onto the real
+ones proportionally and says so in `plan.search["reduced_trace"]`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...ir.graph import Node, Value
+from ...ir.sharding import Replicate
+from ...ir.types import TensorType
+from .candidates import Config, PlannerState
+from .plan import CollectiveRecord, Plan, StagePlan
+from .problem import GraphContext, Key
+from .reshard import reshard_steps
+from .staging import PartitionEval
+
+
+def expand_assignment(ctx: GraphContext, assign: dict[Key, Any]) -> dict[Key, Any]:
+    """Strategy of every node and placement of every graph input of the traced graph."""
+    nd = None
+    out: dict[Key, Any] = {}
+    for n in ctx.graph.nodes:
+        key = n if n in ctx.segment else ctx.layers.rep_of.get(n)
+        if key in assign:
+            out[n] = assign[key]
+            nd = len(assign[key].tags)
+    for v in ctx.graph.inputs:
+        key = v if v in assign else ctx.layers.rep_of.get(v)
+        if key in assign:
+            out[v] = assign[key]
+            nd = len(assign[key])
+    nd = nd or 1
+    for v in ctx.graph.inputs:
+        out.setdefault(v, tuple(Replicate() for _ in range(nd)))
+    return out
+
+
+def unit_of_layers(ctx: GraphContext) -> list[int]:
+    """Real layer (pipeline unit) index of each traced layer."""
+    c = ctx.layers.cluster
+    out, unit = [], 0
+    for j in range(len(ctx.layers.layers)):
+        if c is not None and j in c.layers():
+            t = j - c.start
+            out.append(unit + (t * ctx.layers.repeats) // c.num_layers)
+            if j == c.end - 1:
+                unit += ctx.layers.repeats
+        else:
+            out.append(unit)
+            unit += 1
+    return out
+
+
+def stage_nodes(ctx: GraphContext, cuts: list[int]) -> list[list[Node]]:
+    n_st = len(cuts) - 1
+    units = unit_of_layers(ctx)
+
+    def stage_of_unit(u: int) -> int:
+        return next(i for i in range(n_st) if cuts[i] <= u < cuts[i + 1])
+
+    where: dict[Node, int] = {n: 0 for n in ctx.layers.pre}
+    where.update({n: n_st - 1 for n in ctx.layers.post})
+    for j, layer in enumerate(ctx.layers.layers):
+        s = stage_of_unit(units[j])
+        where.update({n: s for n in layer})
+    out: list[list[Node]] = [[] for _ in range(n_st)]
+    for n in ctx.graph.nodes:
+        out[where.get(n, 0)].append(n)
+    return out
+
+
+def _text(pl: tuple | None) -> tuple[str, ...] | None:
+    return None if pl is None else tuple(str(p) for p in pl)
+
+
+def build_plan(
+    state: PlannerState,
+    cfg: Config,
+    assign: dict[Key, Any],
+    ev: PartitionEval,
+    info: dict[str, Any],
+) -> Plan:
+    ctx = state.ctx
+    full = expand_assignment(ctx, assign)
+    placements: dict[str, tuple[str, ...]] = {}
+    input_pl: dict[str, list] = {}
+    for k, s in full.items():
+        if isinstance(k, Node):
+            for o, pl in zip(k.outputs, s.outs):
+                if pl is not None:
+                    placements[o.name] = _text(pl)
+            if k.outputs:
+                input_pl[k.outputs[0].name] = [_text(pl) for pl in s.ins]
+        elif isinstance(k.type, TensorType):
+            placements[k.name] = _text(s)
+    cuts = [s.layers[0] for s in ev.stages] + [ev.stages[-1].layers[1]]
+    size = cfg.mesh.size
+    stages = [
+        StagePlan(
+            i,
+            [n.outputs[0].name for n in nodes if n.outputs],
+            list(range(i * size, (i + 1) * size)),
+            ev.stages[i].recompute,
+            ev.stages[i].layers,
+        )
+        for i, nodes in enumerate(stage_nodes(ctx, cuts))
+    ]
+    traced = len(ctx.layers.layers)
+    search = {
+        "model": ctx.graph.name,
+        "batch": state.batch,
+        "traced_batch": ctx.batch.traced_batch,
+        "micro_batch_size": state.batch // cfg.micro_batches,
+        "spec": state.spec.name,
+        "dtype": state.dtype,
+        "layers": ctx.layers.num_layers,
+        "traced_layers": traced,
+        "reduced_trace": ctx.layers.num_layers != traced,
+        "pipeline_layers": [list(s.layers) for s in ev.stages],
+        **info,
+    }
+    plan = Plan(
+        mesh=cfg.mesh,
+        num_stages=cfg.pp,
+        placements=placements,
+        stages=stages,
+        micro_batches=cfg.micro_batches,
+        schedule=ev.schedule,
+        zero=state.training and cfg.mesh.shape[0] > 1,
+        training=state.training,
+        collectives=collective_records(state, cfg, assign, ev),
+        estimate={"total": ev.total, "compute": ev.compute, "comm": ev.comm, "bubble": ev.bubble},
+        memory={f"stage{i}": int(s.memory) for i, s in enumerate(ev.stages)},
+        search=search,
+        input_placements=input_pl,
+    )
+    return plan
+
+
+def collective_records(
+    state: PlannerState, cfg: Config, assign: dict[Key, Any], ev: PartitionEval
+) -> list[CollectiveRecord]:
+    """The collectives the lowering inserts, per value, with how often they run per step."""
+    ctx, model = state.ctx, state.model(cfg.mesh, state.batch // cfg.micro_batches)
+    names = model.mesh.names
+    b = cfg.micro_batches
+    out: list[CollectiveRecord] = []
+    for src, v, n, i, kind in ctx.edges():
+        if kind == "loop":
+            continue
+        src_pl = assign[src].outs[src.outputs.index(v)] if isinstance(src, Node) else assign[src]
+        dst_pl = assign[n].ins[i]
+        if dst_pl is None or src_pl == dst_pl:
+            continue
+        per_layer = ctx.layers.repeats if ctx.segment.get(n) == "rep" else 1
+        for step in reshard_steps(src_pl, dst_pl):
+            if step.kind == "slice":
+                continue
+            count = (
+                b * per_layer
+                if not (v.kind == "param" and step.kind != "all_gather")
+                else per_layer
+            )
+            out.append(
+                CollectiveRecord(
+                    step.kind, v.name, names[step.axis], int(model.value_bytes(v, src_pl)), count
+                )
+            )
+    out += _grad_sync_records(ctx, model, assign, state.training)
+    for i, st in enumerate(ev.stages[:-1]):
+        out.append(
+            CollectiveRecord(
+                "send_recv", f"stage{i}->stage{i + 1}", "pp", 0, b * (2 if state.training else 1)
+            )
+        )
+    return out
+
+
+def _grad_sync_records(
+    ctx: GraphContext, model, assign: dict[Key, Any], training: bool
+) -> list[CollectiveRecord]:
+    if not training:
+        return []
+    out = []
+    for v, segs in ctx.input_segments().items():
+        if v.kind != "param":
+            continue
+        pl = assign[v]
+        reps = ctx.layers.repeats if segs == {"rep"} else 1
+        for a, p in enumerate(pl):
+            if (
+                isinstance(p, Replicate)
+                and model.mesh.shape[a] > 1
+                and _reduced_over(ctx, assign, v, a)
+            ):
+                kinds = (
+                    ["reduce_scatter", "all_gather"] if (model.zero and a == 0) else ["all_reduce"]
+                )
+                for k in kinds:
+                    out.append(
+                        CollectiveRecord(
+                            k, v.name, model.mesh.names[a], int(model.value_bytes(v, pl)), reps
+                        )
+                    )
+    return out
+
+
+def _reduced_over(ctx: GraphContext, assign: dict[Key, Any], v: Value, axis: int) -> bool:
+    """Is the gradient of replicated input v partial over `axis` (a consumer splits work)?"""
+    for n, _ in ctx.users.get(v, []):
+        s = assign.get(n)
+        if s is not None and s.split_axes()[axis]:
+            return True
+    return False

@@ -1,0 +1,378 @@
+"""Per-op sharding rules: how each op can run over ONE mesh axis.
+
+A rule takes an `OpView` (the node plus the global types of its values) and returns the
+`AxisStrategy`s the op supports on a single mesh axis: the placement it needs for each input
+and the placement it produces for each output. The all-replicated strategy is always added by
+`axis_strategies`, so a rule lists only the sharded ones. Strategies over a whole mesh are the
+products of per-axis strategies (strategies.py), checked there for divisibility.
+
+Rules live in the `SHARDING_RULES` RuleTable keyed by op name, next to the ops' semantics:
+
+  pointwise        follow the (broadcast) inputs; add/sub (and aliases) also carry Partial
+  linear/mm/addmm  batch dims, Megatron column (weight S(0)) and row (weight S(1) -> Partial)
+  sdpa             batch and heads; query-sequence sharding when not causal
+  embedding        batch, vocab-parallel (weight S(0) -> Partial), hidden (weight S(1))
+  views            track dimensions through split/merge groups (only a group's major dim);
+                   these and the other data-movement/creation rules: sharding_shape_rules.py
+  reductions/norms/softmax  shard any dim they do not reduce; sum/mean over it -> Partial
+Ops without a rule run replicated. Tags name strategies ("col", "row", "vocab", "heads",
+"batch", "follow") for the Megatron heuristic and for dumps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ...ir.graph import Node, Value
+from ...ir.registry import RuleTable, lookup
+from ...ir.sharding import Partial, Placement, Replicate, Shard
+from ...ir.types import TensorType
+
+SHARDING_RULES = RuleTable("sharding")
+R, P = Replicate(), Partial()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AxisStrategy:
+    """One way to run a node over one mesh axis.
+
+    `ins` has one entry per `node.inputs` element (None for non-tensor values), `outs` one per
+    node output (None for non-tensor outputs).
+    """
+
+    ins: tuple[Placement | None, ...]
+    outs: tuple[Placement | None, ...]
+    tag: str = "R"
+
+
+_INPUTS: dict[Node, list[Value]] = {}
+
+
+def node_inputs(n: Node) -> list[Value]:
+    """`n.inputs`, memoised: the planner asks for it millions of times (nodes are not mutated
+    once built; lowering builds new ones)."""
+    ins = _INPUTS.get(n)
+    if ins is None:
+        if len(_INPUTS) > 200_000:
+            _INPUTS.clear()
+        ins = _INPUTS[n] = n.inputs
+    return ins
+
+
+class OpView:
+    """A node with the (global, effective) types of its values, as rules see it."""
+
+    def __init__(self, node: Node, types: dict[Value, Any]):
+        self.node = node
+        self.inputs: list[Value] = node_inputs(node)
+        self.types = types
+        self.base = node.op.split(".")[1] if "." in node.op else node.op
+
+    def t(self, v: Any) -> TensorType | None:
+        if not isinstance(v, Value):
+            return None
+        t = self.types.get(v, v.type)
+        return t if isinstance(t, TensorType) else None
+
+    @property
+    def out_types(self) -> list[TensorType | None]:
+        return [self.t(o) for o in self.node.outputs]
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if i < len(self.node.args):
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def tensor_inputs(self) -> list[Value]:
+        return [v for v in self.inputs if self.t(v) is not None]
+
+    def make(
+        self, assign: dict[Value, Placement], outs: Placement | Sequence[Placement], tag: str
+    ) -> AxisStrategy:
+        """Inputs not in `assign` are replicated; `outs` is one placement or one per output."""
+        ins = tuple((assign.get(v, R) if self.t(v) is not None else None) for v in self.inputs)
+        if isinstance(outs, (Replicate, Shard, Partial)):
+            outs = [outs] * len(self.node.outputs)
+        o = tuple((p if self.t(v) is not None else None) for p, v in zip(outs, self.node.outputs))
+        return AxisStrategy(ins, o, tag)
+
+
+def replicated(op: OpView) -> AxisStrategy:
+    return op.make({}, R, "R")
+
+
+def axis_strategies(node: Node, types: dict[Value, Any]) -> list[AxisStrategy]:
+    """All strategies of `node` on one mesh axis: the rule's, then the replicated one."""
+    op = OpView(node, types)
+    rule = SHARDING_RULES.get(node.op)
+    if rule is None:
+        info = lookup(node.op)
+        rule = _CATEGORY_RULES.get(info.category) if info is not None else None
+    out = list(rule(op)) if rule is not None else []
+    out.append(replicated(op))
+    seen, uniq = set(), []
+    for s in out:
+        if (s.ins, s.outs) not in seen:
+            seen.add((s.ins, s.outs))
+            uniq.append(s)
+    return uniq
+
+
+def _norm(d: int, rank: int) -> int:
+    return d % rank if rank else 0
+
+
+# ------------------------------------------------------------------------------ pointwise
+# Partial sums flow through sums and layout ops only: that is where delaying a reduction
+# pays (Megatron's embedding P + P), and every extra Partial strategy on a 2-D mesh multiplies
+# the ILP. Scaling ops (mul/div by a replicated factor) are linear too but kept out.
+_LINEAR_ALL = {"add", "sub"}  # all tensor inputs Partial
+_LINEAR_FIRST: set[str] = set()  # first input Partial, the rest replicated
+_LINEAR_ONE: set[str] = set()  # any one input Partial
+_LINEAR_UNARY = {"alias", "detach", "lift_fresh_copy"}
+
+
+def _aligned(op: OpView, v: Value, out_rank: int, d: int, size: Any) -> Placement:
+    """S(k) for the dim of `v` that broadcasts to output dim d with the same size, else R."""
+    t = op.t(v)
+    k = d - (out_rank - t.rank)
+    if k >= 0 and t.shape[k] == size:
+        return Shard(k)
+    return R
+
+
+def pointwise_rule(op: OpView) -> list[AxisStrategy]:
+    out_t = op.out_types[0]
+    if out_t is None:
+        return []
+    ins = op.tensor_inputs()
+    out = []
+    for d, size in enumerate(out_t.shape):
+        if size == 1:
+            continue
+        out.append(
+            op.make({v: _aligned(op, v, out_t.rank, d, size) for v in ins}, Shard(d), "follow")
+        )
+    out += _partial_pointwise(op, ins)
+    return out
+
+
+def _partial_pointwise(op: OpView, ins: list[Value]) -> list[AxisStrategy]:
+    args = list(op.node.args)
+    scalars = [a for a in args if not isinstance(a, Value)]
+    if op.base in _LINEAR_UNARY and len(ins) == 1:
+        return [op.make({ins[0]: P}, P, "partial")]
+    if op.base in _LINEAR_ALL and ins and not scalars:
+        return [op.make({v: P for v in ins}, P, "partial")]
+    if op.base in _LINEAR_FIRST and ins and args and args[0] is ins[0]:
+        return [op.make({ins[0]: P}, P, "partial")]
+    if op.base in _LINEAR_ONE and ins:
+        uniq = list(dict.fromkeys(ins))
+        if len(uniq) != len(ins):
+            return []  # x * x is not linear in x
+        return [op.make({v: P}, P, "partial") for v in uniq]
+    return []
+
+
+# --------------------------------------------------------------------------------- matmuls
+@SHARDING_RULES.register("aten.linear.default")
+def linear_rule(op: OpView) -> list[AxisStrategy]:
+    x, w = op.node.args[0], op.node.args[1]
+    b = op.arg(2, "bias")
+    b = b if isinstance(b, Value) else None
+    xt = op.t(x)
+    last = xt.rank - 1
+    out = [op.make({x: Shard(d)}, Shard(d), "batch") for d in range(last) if xt.shape[d] != 1]
+    col = {w: Shard(0)}
+    if b is not None:
+        col[b] = Shard(0)
+    out.append(op.make(col, Shard(last), "col"))
+    out.append(op.make({x: Shard(last), w: Shard(1)}, P, "row"))
+    return out
+
+
+@SHARDING_RULES.register("aten.mm.default")
+def mm_rule(op: OpView) -> list[AxisStrategy]:
+    a, b = op.node.args[0], op.node.args[1]
+    return [
+        op.make({a: Shard(0)}, Shard(0), "batch"),
+        op.make({b: Shard(1)}, Shard(1), "col"),
+        op.make({a: Shard(1), b: Shard(0)}, P, "row"),
+    ]
+
+
+@SHARDING_RULES.register("aten.addmm.default")
+def addmm_rule(op: OpView) -> list[AxisStrategy]:
+    bias, a, b = op.node.args[0], op.node.args[1], op.node.args[2]
+    bt = op.t(bias)
+    out = [
+        op.make({a: Shard(0), bias: _aligned(op, bias, 2, 0, op.t(a).shape[0])}, Shard(0), "batch")
+    ]
+    out.append(
+        op.make({b: Shard(1), bias: _aligned(op, bias, 2, 1, op.t(b).shape[1])}, Shard(1), "col")
+    )
+    if bt is not None and all(s == 1 for s in bt.shape[:-1]) or bt is None:
+        out.append(op.make({a: Shard(1), b: Shard(0)}, P, "row"))
+    return out
+
+
+@SHARDING_RULES.register("aten.bmm.default")
+def bmm_rule(op: OpView) -> list[AxisStrategy]:
+    a, b = op.node.args[0], op.node.args[1]
+    return [
+        op.make({a: Shard(0), b: Shard(0)}, Shard(0), "batch"),
+        op.make({a: Shard(1)}, Shard(1), "batch"),
+        op.make({b: Shard(2)}, Shard(2), "col"),
+        op.make({a: Shard(2), b: Shard(1)}, P, "row"),
+    ]
+
+
+@SHARDING_RULES.register("aten.scaled_dot_product_attention.default")
+def sdpa_rule(op: OpView) -> list[AxisStrategy]:
+    q, k, v = op.node.args[0], op.node.args[1], op.node.args[2]
+    mask = op.arg(3, "attn_mask")
+    mask = mask if isinstance(mask, Value) else None
+    causal = bool(op.arg(5, "is_causal", False))
+    qt = op.t(q)
+    out = []
+    for d in range(qt.rank - 2):
+        if qt.shape[d] == 1:
+            continue
+        kp = _aligned(op, k, qt.rank, d, qt.shape[d])
+        vp = _aligned(op, v, qt.rank, d, qt.shape[d])
+        if any(p == R and _dim_size(op, t, qt.rank, d) != 1 for p, t in ((kp, k), (vp, v))):
+            continue  # grouped-query heads: k/v heads do not line up with q's
+        assign = {q: Shard(d), k: kp, v: vp}
+        if mask is not None:
+            assign[mask] = _aligned(op, mask, qt.rank, d, qt.shape[d])
+        out.append(op.make(assign, Shard(d), "heads" if d == qt.rank - 3 else "batch"))
+    if not causal:  # a causal mask is relative to the whole sequence
+        d = qt.rank - 2
+        assign = {q: Shard(d)}
+        if mask is not None:
+            assign[mask] = _aligned(op, mask, qt.rank, d, qt.shape[d])
+        out.append(op.make(assign, Shard(d), "seq"))
+    return out
+
+
+def _dim_size(op: OpView, v: Value, out_rank: int, d: int) -> Any:
+    t = op.t(v)
+    k = d - (out_rank - t.rank)
+    return t.shape[k] if k >= 0 else 1
+
+
+@SHARDING_RULES.register("aten.embedding.default")
+def embedding_rule(op: OpView) -> list[AxisStrategy]:
+    w, idx = op.node.args[0], op.node.args[1]
+    it = op.t(idx)
+    out = [op.make({idx: Shard(d)}, Shard(d), "batch") for d in range(it.rank) if it.shape[d] != 1]
+    out.append(op.make({w: Shard(0)}, P, "vocab"))
+    out.append(op.make({w: Shard(1)}, Shard(it.rank), "hidden"))
+    return out
+
+
+@SHARDING_RULES.register("aten._native_batch_norm_legit_no_training.default")
+def batch_norm_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    return [op.make({x: Shard(0)}, [Shard(0), R, R], "batch")]
+
+
+@SHARDING_RULES.register("aten.convolution.default")
+def conv_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    return [op.make({x: Shard(0)}, Shard(0), "batch")]
+
+
+# ------------------------------------------------------------------------------ reductions
+def _dims_arg(op: OpView, rank: int, i: int = 1, name: str = "dim") -> set[int]:
+    dims = op.arg(i, name)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return set(range(rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    return {_norm(d, rank) for d in dims}
+
+
+def _keep_dims_strategies(
+    op: OpView, x: Value, reduced: set[int], keepdim: bool, tag: str = "follow"
+) -> list[AxisStrategy]:
+    xt = op.t(x)
+    out = []
+    for d in range(xt.rank):
+        if d in reduced or xt.shape[d] == 1:
+            continue
+        od = d if keepdim else d - sum(1 for r in reduced if r < d)
+        out.append(op.make({x: Shard(d)}, Shard(od), tag))
+    return out
+
+
+def reduction_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    if xt is None:
+        return []
+    name = op.node.op
+    if name.endswith(".default") and op.base in ("sum", "mean", "any", "all"):
+        reduced, keep = set(range(xt.rank)), False
+    else:
+        reduced = _dims_arg(op, xt.rank)
+        keep = bool(op.arg(2, "keepdim", False))
+    out = _keep_dims_strategies(op, x, reduced, keep)
+    if op.base in ("sum", "mean"):
+        for d in reduced:
+            if xt.shape[d] != 1:
+                out.append(op.make({x: Shard(d)}, P, "partial"))
+    return out
+
+
+@SHARDING_RULES.register("aten.var.correction")
+def var_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    reduced = _dims_arg(op, xt.rank)
+    return _keep_dims_strategies(op, x, reduced, bool(op.node.kwargs.get("keepdim", False)))
+
+
+@SHARDING_RULES.register(
+    "aten._softmax.default", "aten._log_softmax.default", "aten.cumsum.default"
+)
+def softmax_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    return _keep_dims_strategies(op, x, {_norm(op.node.args[1], xt.rank)}, True)
+
+
+@SHARDING_RULES.register("aten.topk.default")
+def topk_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    return _keep_dims_strategies(op, x, {_norm(op.arg(2, "dim", -1), xt.rank)}, True)
+
+
+@SHARDING_RULES.register("aten.sort.default")
+def sort_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    return _keep_dims_strategies(op, x, {_norm(op.arg(1, "dim", -1), xt.rank)}, True)
+
+
+@SHARDING_RULES.register("aten.native_layer_norm.default")
+def layer_norm_rule(op: OpView) -> list[AxisStrategy]:
+    x = op.node.args[0]
+    xt = op.t(x)
+    k = len(op.node.args[1])
+    return [
+        op.make({x: Shard(d)}, Shard(d), "follow") for d in range(xt.rank - k) if xt.shape[d] != 1
+    ]
+
+
+_CATEGORY_RULES = {
+    "pointwise": pointwise_rule,
+    "reduction": reduction_rule,
+    "pool": lambda op: [op.make({op.node.args[0]: Shard(0)}, Shard(0), "batch")],
+}
+
+# Views, data movement and creation ops register their rules in a module of their own.
+from .sharding_shape_rules import view_dim_map, view_groups  # noqa: F401
