@@ -172,6 +172,10 @@ def _load_plugins() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch's own deprecation notices (pytree internals) are not the user's business here.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

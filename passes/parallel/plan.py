@@ -111,7 +111,8 @@ class Plan:
             f"mesh {'x'.join(map(str, self.mesh.shape))} ({', '.join(self.mesh.names)})",
             f"  micro-batches {self.micro_batches}, schedule {self.schedule}, "
             f"ZeRO-1 {'on' if self.zero else 'off'}, "
-            f"recompute {[s.recompute for s in self.stages]}",
+            "recompute " + (f"on for stages {[s.index for s in self.stages if s.recompute]}"
+                            if any(s.recompute for s in self.stages) else "off"),
         ]
         if est:
             lines.append("  step time {total:.4f} s = compute {compute:.4f} + comm {comm:.4f} "
@@ -121,6 +122,6 @@ class Plan:
         if self.memory:
             peak = max(self.memory.values())
             lines.append(f"  peak memory per device {peak / 2**30:.2f} GiB")
-        lines.append(f"  collectives: {len(self.collectives)} kinds, "
+        lines.append(f"  collectives: {len(self.collectives)} inserted, of kinds "
                      + ", ".join(sorted({c.kind for c in self.collectives})))
         return "\n".join(lines)
