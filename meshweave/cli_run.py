@@ -1,0 +1,225 @@
+"""`meshweave run`: run a zoo model under a parallel plan on local ranks (or under torchrun).
+
+    meshweave run --model gpt-tiny --mesh 2x2 --plan dpxtp --train --steps 2 --check
+    meshweave run --model llama-tiny --mesh 2 --pp 2 --plan ppxtp --micro-batches 2
+    torchrun --nproc-per-node 4 -m meshweave run --model gpt-tiny --mesh dp=2,tp=2
+
+`--mesh` is the mesh of one pipeline stage; the run uses mesh size x `--pp` ranks. Plan kinds:
+  dp, tp        every device on that axis          pp       `--pp` stages (default: mesh size)
+  dpxtp         a 2-d mesh "DPxTP"                  ppxtp    `--pp` stages of a TP mesh
+  dpxpp         `--pp` stages of a DP mesh          auto     the searched plan (plan_parallel)
+Named meshes ("dp=2,tp=2") imply the grid. Ranks run the planner's `lower_for_rank` programs
+(`--lowering split`: the runtime's own data/pipeline split, no tensor parallelism).
+`--check` reruns the model on one device and compares every output (with `--train`: the
+losses and every parameter after the steps); it exits with status 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from meshweave.cli import CLIError, command
+
+OUTPUT_TOL = 1e-4  # fp32: absolute, on outputs of magnitude ~1
+PARAM_TOL = 1e-5
+
+
+def _setup(p) -> None:
+    p.add_argument("--model", default="gpt-tiny", help="zoo model name (default gpt-tiny)")
+    p.add_argument("--mesh", default="2", help="stage mesh, e.g. 2, 2x2 or dp=2,tp=2")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    p.add_argument(
+        "--plan",
+        default=None,
+        choices=["auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp"],
+        help="plan kind (default: from a named mesh, else auto)",
+    )
+    p.add_argument("--train", action="store_true", help="run training steps")
+    p.add_argument("--steps", type=int, default=2, help="training steps (default 2)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare with a single-device run; exit 1 on a mismatch",
+    )
+    p.add_argument("--batch", type=int, default=4, help="global batch (default 4)")
+    p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")
+    p.add_argument("--micro-batches", type=int, default=1, help="pipeline micro-batches")
+    p.add_argument(
+        "--schedule",
+        choices=["gpipe", "1f1b"],
+        default=None,
+        help="pipeline schedule (default: 1f1b in training, gpipe otherwise)",
+    )
+    p.add_argument("--zero", action="store_true", help="ZeRO-1 over the dp axis")
+    p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.1, adam 1e-3)")
+    p.add_argument(
+        "--lowering",
+        choices=["auto", "planner", "split"],
+        default="auto",
+        help="planner's lower_for_rank, or the runtime's own dp/pp split",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
+
+
+def grid_from_args(mesh_text: str, pp: int | None, kind: str | None) -> tuple[str, int, int, int]:
+    """(plan kind, dp, tp, pp) from --mesh/--pp/--plan."""
+    from meshweave.ir.mesh import DeviceMesh
+
+    try:
+        mesh = DeviceMesh.parse(mesh_text)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    size = mesh.size
+    if mesh.axis_names is not None:
+        sizes = dict(zip(mesh.axis_names, mesh.shape))
+        unknown = set(sizes) - {"dp", "tp", "pp"}
+        if unknown:
+            raise CLIError(f"--mesh: unknown axis names {sorted(unknown)}; use dp, tp and pp")
+        pp = pp or sizes.get("pp", 1)
+        return kind or "fixed", sizes.get("dp", 1), sizes.get("tp", 1), pp
+    kind = kind or "auto"
+    two_d = mesh.shape if mesh.ndim == 2 else None
+    if kind == "auto":
+        return kind, size, 1, pp or 1
+    if kind == "dp":
+        return kind, size, 1, pp or 1
+    if kind == "tp":
+        return kind, 1, size, pp or 1
+    if kind == "pp":
+        if pp is not None and size not in (1, pp):
+            raise CLIError(f"--plan pp: --mesh {mesh_text} and --pp {pp} disagree; give one")
+        return kind, 1, 1, pp or size
+    if kind == "dpxpp":
+        if pp is not None:  # --mesh is the dp axis of each stage
+            return kind, size, 1, pp
+        if two_d is None:
+            raise CLIError(f"--plan dpxpp needs --pp or a 2-d mesh DPxPP, got {mesh_text!r}")
+        return kind, two_d[0], 1, two_d[1]
+    if kind == "dpxtp":
+        if two_d is None:
+            raise CLIError(f"--plan dpxtp needs a 2-d mesh like 2x2, got {mesh_text!r}")
+        return kind, two_d[0], two_d[1], pp or 1
+    # ppxtp: "AxB" = A stages of B-way TP, or --pp stages of a mesh-size TP
+    if pp is None and two_d is not None:
+        return kind, 1, two_d[1], two_d[0]
+    return kind, 1, size, pp or 2
+
+
+@command("run", "run a zoo model on local ranks under a parallel plan; --check vs one device")(
+    _setup
+)
+def _run(args) -> int:
+    from meshweave.runtime.distributed.launch import under_torchrun
+    from meshweave.runtime.distributed.optim import OptimConfig
+    from meshweave.runtime.distributed.runner import RunSpec
+
+    kind, dp, tp, pp = grid_from_args(args.mesh, args.pp, args.plan)
+    lr = args.lr if args.lr is not None else (0.1 if args.optim == "sgd" else 1e-3)
+    spec = RunSpec(
+        args.model,
+        plan=kind,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        devices=dp * tp * pp,
+        micro_batches=args.micro_batches,
+        schedule=args.schedule or ("1f1b" if args.train else "gpipe"),
+        zero=args.zero,
+        training=args.train,
+        steps=args.steps,
+        batch=args.batch,
+        seq=args.seq,
+        optim=OptimConfig(args.optim, lr=lr),
+        lowering=args.lowering,
+        timeout_s=args.timeout,
+    )
+    if under_torchrun():
+        return _run_torchrun(spec, args.check)
+    return _run_local(spec, args.check)
+
+
+def _prepare(spec):
+    from meshweave.models import UnknownModelError
+    from meshweave.progress import step
+    from meshweave.runtime.distributed.runner import prepare
+
+    try:
+        with step(f"tracing and planning {spec.model}"):
+            return prepare(spec)
+    except UnknownModelError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run_local(spec, check: bool) -> int:
+    from meshweave.runtime.distributed.runner import run_distributed
+
+    job = _prepare(spec)
+    print(_plan_line(job))
+    t0 = time.perf_counter()
+    got = run_distributed(job)
+    print(f"ran on {job.plan.world_size} local ranks in {time.perf_counter() - t0:.2f} s")
+    return _report(job, got, check)
+
+
+def _run_torchrun(spec, check: bool) -> int:
+    import os
+
+    from meshweave.runtime.distributed.launch import launch
+    from meshweave.runtime.distributed.runner import collect
+
+    job = _prepare(spec)
+    results = launch(_rank_gather, job.plan.world_size, (job,), spec.timeout_s, backend="gloo")
+    if int(os.environ["RANK"]) != 0:
+        return 0
+    print(_plan_line(job))
+    return _report(job, collect(job, results[0]), check)
+
+
+def _rank_gather(rank: int, world_size: int, job):
+    """run_rank, then every rank's result on rank 0 (under torchrun there is no parent)."""
+    import torch.distributed as dist
+
+    from meshweave.runtime.distributed.runner import run_rank
+
+    mine = run_rank(rank, world_size, job)
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
+
+
+def _plan_line(job) -> str:
+    p = job.plan
+    return (
+        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x mesh "
+        f"{'x'.join(map(str, p.mesh.shape))} ({', '.join(p.mesh.names)}) = {p.world_size} "
+        f"ranks, {p.micro_batches} micro-batch(es), {p.schedule}, "
+        f"ZeRO-1 {'on' if p.zero else 'off'}"
+    )
+
+
+def _report(job, got, check: bool) -> int:
+    from meshweave.runtime.distributed.runner import compare, run_single_device
+
+    for i, loss in enumerate(got.losses):
+        print(f"step {i + 1}: loss {loss:.6f}")
+    if got.outputs is not None:
+        print("outputs: " + ", ".join(f"{tuple(o.shape)}" for o in got.outputs))
+    if not check:
+        return 0
+    errs = compare(run_single_device(job), got)
+    bad = []
+    for key, tol in (("outputs", OUTPUT_TOL), ("loss", OUTPUT_TOL), ("params", PARAM_TOL)):
+        if key in errs:
+            err = errs[key]
+            worst = f" ({errs['worst_param']})" if key == "params" else ""
+            print(f"max |distributed - single device| {key}: {err:.3e}{worst}")
+            if not err <= tol or math.isnan(err):
+                bad.append(key)
+    if bad:
+        print(f"check FAILED: {', '.join(bad)} beyond tolerance", file=sys.stderr)
+        return 1
+    print("check passed")
+    return 0

@@ -1,0 +1,376 @@
+"""Run a zoo model under a parallel plan on local ranks, and on one device to compare.
+
+    spec = RunSpec("gpt-tiny", plan="dpxtp", dp=2, tp=2, training=True, steps=2)
+    job = prepare(spec)                 # build, trace, plan (in this process)
+    got = run_distributed(job)          # launch plan.world_size ranks; full outputs/params
+    ref = run_single_device(job)        # the eager model on one device
+    errs = compare(ref, got)            # max |error| of outputs, losses and parameters
+
+The parent traces the model once and plans; each rank lowers the plan for itself
+(`lower_for_rank` of the planner, or the runtime's own stage split for plans that only
+replicate parameters), slices its own weight shards, runs and returns its shards; the parent
+reassembles full parameters from the shards and their shard specs. Labels for training are the next tokens of the
+inputs (the last position predicts token 0), the loss is executor.py's documented "ce".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ...ir.graph import Graph
+from ...ir.mesh import DeviceMesh
+from .errors import DistributedError
+from .executor import RankExecutor
+from .optim import OptimConfig
+from .program import RankProgram, program_from_lowered, split_stages, tie_rank_groups, tied_params
+from .shards import assemble_from_specs, spec_from_placements
+
+PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What to run. `plan` picks the plan: "auto" searches (plan_parallel over `devices`),
+    the others build the fixed Megatron grid (dp x tp x pp) or, without the planner's lowering
+    and with tp == 1, the runtime's own data/pipeline split."""
+
+    model: str
+    plan: str = "fixed"
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    devices: int = 0  # for plan="auto"; 0 means dp * tp * pp
+    micro_batches: int = 1
+    schedule: str = "gpipe"
+    zero: bool = False
+    training: bool = False
+    steps: int = 2
+    batch: int = 4
+    seq: int = 16
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: str = "ce"
+    lowering: str = "auto"  # "auto" (planner when available), "planner", "split"
+    timeout_s: float = 240.0
+    hardware: str = "h100"  # the cost model's device, for plan="auto"
+
+    def __post_init__(self):
+        if self.plan not in PLAN_KINDS:
+            raise ValueError(f"unknown plan kind {self.plan!r}; known: {PLAN_KINDS}")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices or self.dp * self.tp * self.pp
+
+
+@dataclasses.dataclass
+class Job:
+    spec: RunSpec
+    graph: Graph  # traced full model
+    plan: Any
+    inputs: list[torch.Tensor]  # the global batch
+    labels: torch.Tensor
+    lowering: str  # "planner" | "split"
+    model_state: dict[str, torch.Tensor]  # initial weights by fully qualified name
+
+
+@dataclasses.dataclass
+class RankResult:
+    rank: int
+    stage: int
+    coords: tuple[int, ...]
+    outputs: list[torch.Tensor] | None  # full outputs (rank 0)
+    losses: list[float | None]
+    params: dict[str, torch.Tensor]  # value name -> local shard after training
+    placements: dict[str, tuple]
+    specs: dict[str, list]  # value name -> shard spec (lower.py's format) of the local shard
+    param_numel: int
+    optim_state_numel: int
+
+
+@dataclasses.dataclass
+class RunResult:
+    outputs: list[torch.Tensor] | None
+    losses: list[float]
+    params: dict[str, torch.Tensor]  # fully qualified name -> full tensor
+    ranks: list[RankResult] = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ preparing
+_PLANNER_MODULES = ("lower", "megatron_grid", "search")
+
+
+def _planner():
+    """The planner's entry points, or None when passes/parallel has no lowering."""
+    try:
+        from ...passes.parallel.lower import lower_for_rank
+        from ...passes.parallel.megatron_grid import megatron_plan
+        from ...passes.parallel.search import plan_parallel
+    except ModuleNotFoundError as e:  # only a missing planner module; other errors propagate
+        if e.name in {f"meshweave.passes.parallel.{m}" for m in _PLANNER_MODULES}:
+            return None
+        raise
+    return megatron_plan, plan_parallel, lower_for_rank
+
+
+def trace_model(model_name: str, batch: int, seq: int):
+    """(model, global inputs, traced graph at `batch`)."""
+    from meshweave.models import build_model
+
+    import meshweave
+
+    model, inputs = build_model(model_name, batch=batch, seq=seq)
+    return model, list(inputs), meshweave.compile(model, tuple(inputs)).graph
+
+
+def next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.roll(tokens, -1, dims=1)
+
+
+def prepare(spec: RunSpec, traced=None, cache: dict | None = None) -> Job:
+    """Build and trace the model, make the plan.
+
+    `traced`: a (model, inputs, graph) from trace_model to reuse; `cache`: a dict in which
+    graphs traced at other (local) batch sizes are kept between calls.
+    """
+    planner = _planner()
+    lowering = spec.lowering
+    if lowering == "auto":
+        lowering = "planner" if planner is not None else "split"
+    if lowering == "planner" and planner is None:
+        raise DistributedError(
+            "the planner's lowering (passes/parallel/lower.py) is not "
+            "available; use lowering='split' (data/pipeline parallel only)"
+        )
+    model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq)
+    if lowering == "split":
+        plan, graph = _split_plan(spec, model, inputs, graph, cache)
+    else:
+        plan = _planner_plan(spec, graph, planner)
+    labels = next_token_labels(inputs[0])
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
+    return Job(spec, graph, plan, inputs, labels, lowering, state)
+
+
+def _planner_plan(spec: RunSpec, graph: Graph, planner):
+    megatron_plan, plan_parallel, _ = planner
+    if spec.plan == "auto":
+        plan = plan_parallel(
+            graph, spec.world_size, spec.hardware, batch=spec.batch, training=spec.training
+        )
+    else:
+        plan = megatron_plan(
+            graph,
+            spec.dp,
+            spec.tp,
+            spec.pp,
+            micro_batches=spec.micro_batches,
+            batch=spec.batch,
+            training=spec.training,
+        )
+        plan.schedule, plan.zero = spec.schedule, spec.zero
+    plan.training = spec.training
+    return plan
+
+
+def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
+    """The runtime's own plan: dp replicas x pp stages of (roughly) equal node counts."""
+    from ...passes.parallel.plan import Plan, StagePlan
+
+    if spec.tp != 1 or spec.plan == "auto":
+        raise DistributedError(
+            f"plan {spec.plan!r} (tp={spec.tp}) needs the planner's "
+            f"lowering (passes/parallel/lower.py), which is not available"
+        )
+    local = spec.batch // (spec.dp * spec.micro_batches)
+    if local * spec.dp * spec.micro_batches != spec.batch or local < 1:
+        raise DistributedError(
+            f"batch {spec.batch} does not split over dp={spec.dp} x "
+            f"{spec.micro_batches} micro-batches"
+        )
+    if local != spec.batch:
+        import meshweave
+
+        key = (spec.model, local, spec.seq)
+        if cache is None or key not in cache:
+            graph = meshweave.compile(model, tuple(x[:local] for x in inputs)).graph
+            if cache is not None:
+                cache[key] = graph
+        graph = cache[key] if cache is not None else graph
+    mesh = DeviceMesh((spec.dp,), ("dp",))
+    names = [n.outputs[0].name for n in graph.nodes]
+    bounds = [round(i * len(names) / spec.pp) for i in range(spec.pp + 1)]
+    stages = [
+        StagePlan(s, names[bounds[s] : bounds[s + 1]], list(range(s * spec.dp, (s + 1) * spec.dp)))
+        for s in range(spec.pp)
+    ]
+    batch_values = [*graph.user_inputs, *graph.outputs]  # every activation is batch-split
+    placements = {v.name: ("S(0)",) for v in batch_values} if spec.dp > 1 else {}
+    plan = Plan(
+        mesh,
+        spec.pp,
+        placements,
+        stages,
+        spec.micro_batches,
+        spec.schedule,
+        spec.zero,
+        spec.training,
+    )
+    return plan, graph
+
+
+# ------------------------------------------------------------------------ running
+def rank_program(job: Job, rank: int) -> RankProgram:
+    if job.lowering == "split":
+        return split_stages(job.graph, job.plan, rank)
+    lower_for_rank = _planner()[2]
+    return program_from_lowered(
+        lower_for_rank(job.graph, job.plan, rank), job.graph, job.plan, rank
+    )
+
+
+def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
+    """Body of one rank: create groups, lower, run inference or training steps."""
+    from .groups import init_plan_groups
+
+    plan, spec = job.plan, job.spec
+    if plan.world_size != world_size:
+        raise DistributedError(
+            f"the plan needs {plan.world_size} ranks, the world has {world_size}"
+        )
+    ties = tied_params(job.graph, plan)
+    init_plan_groups(plan, tie_rank_groups(ties, plan))
+    program = rank_program(job, rank)
+    ex = RankExecutor(
+        program, plan, training=spec.training, optim=spec.optim, loss=spec.loss, ties=ties
+    )
+    outputs, losses = None, []
+    if spec.training:
+        for _ in range(spec.steps):
+            losses.append(ex.train_step(job.inputs, job.labels))
+    else:
+        outputs = ex.infer(job.inputs)
+    pl = {v.name: tuple(ex.placements(v)) for v in program.graph.inputs if v.kind == "param"}
+    given = program.graph.meta.get("shard_specs") or {}
+    specs = {
+        n: given.get(n) or spec_from_placements(p, ex.coords, plan.mesh.shape)
+        for n, p in pl.items()
+    }
+    opt = ex.optimizer.state_numel() if ex.optimizer else 0
+    return RankResult(
+        rank,
+        ex.stage,
+        ex.coords,
+        outputs,
+        losses,
+        ex.param_shards(),
+        pl,
+        specs,
+        sum(t.numel() for t in ex.params.values()),
+        opt,
+    )
+
+
+def run_distributed(job: Job, start_method: str | None = None) -> RunResult:
+    """Launch the plan's ranks locally; reassemble outputs and parameters.
+
+    The ranks run the IR on CPU tensors, so the backend is gloo even where CUDA is available
+    (launch() itself picks NCCL for CUDA work).
+    """
+    from .launch import launch
+
+    results = launch(
+        run_rank,
+        job.plan.world_size,
+        (job,),
+        job.spec.timeout_s,
+        backend="gloo",
+        start_method=start_method,
+    )
+    return collect(job, results)
+
+
+def collect(job: Job, results: list[RankResult]) -> RunResult:
+    """Full parameters (by fully qualified name) from every rank's shards and specs."""
+    targets = {v.name: v.target for v in job.graph.inputs if v.kind == "param"}
+    pieces: dict[str, list] = {}
+    for r in results:
+        for name, t in r.params.items():
+            pieces.setdefault(name, []).append((r.specs[name], t))
+    params = {
+        targets.get(n, n): assemble_from_specs(tuple(job.graph.tensors[n].shape), p)
+        for n, p in pieces.items()
+    }
+    # A tied weight the IR never reads (export routes every use through one copy) has the
+    # value of the copy that ran.
+    for names, _ in tied_params(job.graph, job.plan):
+        ran = [n for n in names if n in pieces]
+        for n in names:
+            if n not in pieces and ran:
+                params[targets.get(n, n)] = params[targets.get(ran[0], ran[0])]
+    losses = [x for r in results if r.losses and r.losses[0] is not None for x in r.losses]
+    last_losses = losses[: job.spec.steps] if job.spec.training else []
+    return RunResult(results[0].outputs, last_losses, params, results)
+
+
+def run_single_device(job: Job) -> RunResult:
+    """The eager model on one device: outputs, or `steps` optimizer steps on the same loss."""
+    from meshweave.models import get_model_spec
+
+    spec = job.spec
+    model = get_model_spec(spec.model).build(seed=0).eval()
+    model.load_state_dict(job.model_state)
+    if not spec.training:
+        with torch.no_grad():
+            return RunResult(_tensor_leaves(model(*job.inputs)), [], {})
+    opt = spec.optim.build([p for p in model.parameters()])
+    losses = []
+    for _ in range(spec.steps):
+        out = _tensor_leaves(model(*job.inputs))[0]
+        if spec.loss == "ce":
+            loss = torch.nn.functional.cross_entropy(
+                out.reshape(-1, out.shape[-1]), job.labels.reshape(-1)
+            )
+        else:
+            loss = out.float().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    params = {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+    return RunResult(None, losses, params)
+
+
+def _tensor_leaves(out) -> list[torch.Tensor]:
+    """Model outputs as the IR's flat output list (HF ModelOutputs are pytrees)."""
+    import torch.utils._pytree as pytree
+
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def compare(ref: RunResult, got: RunResult) -> dict[str, float]:
+    """Max absolute errors: 'outputs', 'loss', 'params' (and the worst parameter's name)."""
+    errs: dict[str, Any] = {}
+    if ref.outputs is not None:
+        if got.outputs is None or len(got.outputs) != len(ref.outputs):
+            raise DistributedError("the distributed run returned no (or too few) outputs")
+        errs["outputs"] = max(_err(a, b) for a, b in zip(ref.outputs, got.outputs))
+    if ref.losses:
+        errs["loss"] = max(abs(a - b) for a, b in zip(ref.losses, got.losses))
+    if ref.params:
+        missing = sorted(set(ref.params) - set(got.params))
+        if missing:
+            raise DistributedError(f"parameters {missing[:4]} missing from the distributed run")
+        worst = max(ref.params, key=lambda k: _err(ref.params[k], got.params[k]))
+        errs["params"] = _err(ref.params[worst], got.params[worst])
+        errs["worst_param"] = worst
+    return errs
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if tuple(a.shape) != tuple(b.shape):
+        return math.inf
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
