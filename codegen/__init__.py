@@ -1,1 +1,279 @@
-"""Codegen: lowers the optimized IR to generated Triton kernels."""
+"""Codegen: lowers the optimized IR to generated Triton kernels.
+
+    attach_triton_backend(cm)      # called by meshweave.compile for backend="triton"
+
+Pipeline: schedule.py groups nodes into kernels (fusion rules by op, via RuleTables) ->
+kernels_pointwise / kernels_reduction / matmul_template emit one Triton kernel per group
+(lowering.py: op -> Triton expression; indexing.py: views as index arithmetic), attention uses
+flash_attention.py -> wrapper.py writes a module with a call() that allocates buffers and
+launches them -> cache.py stores it on disk, keyed by the graph and versions -> runtime.py
+serves call() at run time (launch sizes, matmul template-vs-cuBLAS choice, reference executor
+for uncompiled nodes).
+
+Rule tables (ir.registry.RuleTable, keyed by op name): LOWERINGS "triton_lowering"
+(pointwise and indexed ops -> Triton expressions), VIEW_INDEX "triton_view_index" (views ->
+index maps), REDUCTIONS "triton_reduction", MATMULS "triton_matmul", ATTENTION
+"triton_attention". An op in none of them runs through the reference executor and is listed
+with the reason in explain() and the dump (kernels.txt).
+
+Module layout (Triton backend): __init__ (this), schedule, lowering, indexing, emitter,
+tvalues, kernels_pointwise, kernels_reduction, matmul_template, flash_attention, wrapper,
+runtime, cache, triton_mode. (onnx_* and mlir_dump in this package are other backends.)
+
+Without CUDA the kernels run under Triton's interpreter, which must be on before triton is
+first imported; torch.export imports it, so meshweave.compile should call
+prepare_triton_backend(options, model) before tracing (else set TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from ..ir.errors import MeshweaveError
+from ..ir.types import TensorType
+from .tvalues import CodegenError
+
+__all__ = [
+    "CodegenConfig",
+    "CodegenError",
+    "KernelExecutionError",
+    "KernelInfo",
+    "KernelsArtifact",
+    "attach_triton_backend",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CodegenConfig:
+    """Knobs of the Triton backend (explicit, immutable; tests pass their own).
+
+    matmul: "auto" (measure template vs cuBLAS per shape on the GPU; the template under the
+        interpreter), "triton" (always the template) or "torch" (always cuBLAS + epilogue).
+    fuse: fuse across ops; False emits one kernel per op (for debugging and comparisons).
+    cache_dir: kernel cache root; default <MESHWEAVE_CACHE_DIR or ~/.cache/meshweave>/kernels.
+    use_cache: read and write the on-disk cache.
+    """
+
+    matmul: str = "auto"
+    fuse: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.matmul not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"CodegenConfig.matmul={self.matmul!r}: expected 'auto', 'triton' or 'torch'"
+            )
+
+
+class KernelExecutionError(MeshweaveError):
+    """A generated module raised; names the module file to read."""
+
+
+@dataclasses.dataclass
+class KernelInfo:
+    """One kernel launch site of a compiled model."""
+
+    name: str  # the Triton kernel function it launches
+    kind: str  # pointwise | reduction | matmul | attention
+    nodes: list[str]  # covered IR nodes, by output value name
+    ops: list[str]
+    sources: list[str]  # the user source lines of those nodes
+    source: str  # the kernel's source text
+
+
+class KernelsArtifact:
+    """cm.artifacts["kernels"]: what explain() and dump() show about generated code."""
+
+    def __init__(
+        self,
+        kernels: list[KernelInfo],
+        fallbacks: list[dict],
+        module_path: str,
+        module_source: str,
+        cache_status: str,
+        key: str,
+    ):
+        self.kernels = kernels
+        self.fallbacks = fallbacks
+        self.module_path = module_path
+        self.module_source = module_source
+        self.cache_status = cache_status
+        self.key = key
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for k in self.kernels:
+            kinds[k.kind] = kinds.get(k.kind, 0) + 1
+        parts = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        text = (
+            f"{len(self.kernels)} Triton launch sites ({parts}), "
+            f"{len(self.fallbacks)} nodes on the reference executor; cache {self.cache_status}"
+            f"; module {self.module_path}"
+        )
+        for f in self.fallbacks:
+            text += f"\n    not compiled: %{f['node']} ({f['op']}): {f['reason']}"
+        return text
+
+    def dump(self, directory: str) -> list[str]:
+        os.makedirs(directory, exist_ok=True)
+        src = os.path.join(directory, "kernels.py")
+        with open(src, "w") as f:
+            f.write(self.module_source)
+        listing = os.path.join(directory, "kernels.txt")
+        with open(listing, "w") as f:
+            f.write(f"cache key {self.key} ({self.cache_status})\n\n")
+            for i, k in enumerate(self.kernels):
+                f.write(
+                    f"[{i}] {k.name} ({k.kind}): "
+                    + ", ".join(f"%{n} ({op})" for n, op in zip(k.nodes, k.ops))
+                    + "\n"
+                )
+                f.writelines(f"      {s}\n" for s in k.sources)
+            f.write(
+                f"\nnot compiled ({len(self.fallbacks)} nodes, run by the reference executor):\n"
+            )
+            f.writelines(f"  %{fb['node']} ({fb['op']}): {fb['reason']}\n" for fb in self.fallbacks)
+        return [src, listing]
+
+
+class _Runner:
+    def __init__(self, call, state: list, rt, path: str):
+        self.call, self.state, self.rt, self.path = call, state, rt, path
+        # Kernels index parameters and buffers as contiguous; the rare strided one is copied
+        # per call (not once, so that buffer mutations written back by CompiledModel count).
+        self.strided = [
+            i for i, t in enumerate(state) if hasattr(t, "is_contiguous") and not t.is_contiguous()
+        ]
+
+    def __call__(self, leaves: list[Any]) -> list[Any]:
+        state = self.state
+        if self.strided:
+            state = list(state)
+            for i in self.strided:
+                state[i] = state[i].contiguous()
+        try:
+            return self.call(list(leaves), state, self.rt)
+        except MeshweaveError:
+            raise
+        except Exception as e:  # re-raised with the generated module to read, never swallowed
+            raise KernelExecutionError(
+                f"generated module {self.path} raised {type(e).__name__}: {e}"
+            ) from e
+
+
+def _on_cuda(graph) -> bool:
+    return any(isinstance(v.type, TensorType) and v.type.device == "cuda" for v in graph.inputs)
+
+
+def _options_key(cm, config: CodegenConfig, interpret: bool) -> dict:
+    o = cm.options
+    return {
+        "eager_fallback": o.eager_fallback,
+        "decompose": o.decompose,
+        "passes": o.passes,
+        "training": o.training,
+        "matmul": config.matmul,
+        "fuse": config.fuse,
+        "interpret": interpret,
+    }
+
+
+def prepare_triton_backend(options=None, model=None) -> None:
+    """Hook for meshweave.compile to call *before* tracing, because torch.export imports
+    triton: when backend="triton" will run kernels under the interpreter (no CUDA, or a model
+    on the CPU), switch the interpreter on while that is still possible. No-op otherwise."""
+    import torch
+
+    from .triton_mode import imported_interpreted
+
+    if getattr(options, "backend", "triton") != "triton" or imported_interpreted() is not None:
+        return
+    on_cuda = torch.cuda.is_available()
+    if on_cuda and model is not None:
+        on_cuda = any(t.is_cuda for t in list(model.parameters()) + list(model.buffers()))
+    if not on_cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # documented in meshweave/env.py
+
+
+def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
+    """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
+    from meshweave import env
+
+    from .triton_mode import device_name, ensure_triton_mode
+
+    config = config or CodegenConfig()
+    graph = cm.graph
+    interpret = ensure_triton_mode(_on_cuda(graph))
+    from .cache import STATS, CorruptEntry, KernelCache, cache_key
+    from .wrapper import generate_module
+
+    root = config.cache_dir or os.path.join(env.cache_dir(), "kernels")
+    device = device_name(interpret)
+    key = cache_key(graph, _options_key(cm, config, interpret), device)
+    cache = KernelCache(root)
+    entry, status = None, "miss"
+    if config.use_cache:
+        try:
+            entry = cache.load(key)
+        except CorruptEntry as e:
+            status = f"rebuilt ({e})"
+    if entry is None:
+        gen = generate_module(graph, interpret, config.fuse, key)
+        meta = {
+            "graph": graph.name,
+            "device": device,
+            "kernels": [dataclasses.asdict(r) for r in gen.kernels],
+            "fallbacks": gen.fallbacks,
+        }
+        if not config.use_cache:
+            root = os.path.join(root, "_uncached")
+        path = KernelCache(root).store(key, gen.source, meta)
+        entry = KernelCache(root).load(key)
+        STATS["rebuilt" if status.startswith("rebuilt") else "miss"] += 1
+        entry.status = status
+        entry.path = path
+    else:
+        STATS["hit"] += 1
+    _install(cm, graph, entry, interpret, config, root, key)
+
+
+def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str, key: str) -> None:
+    from .runtime import KernelRuntime
+
+    nodes = graph.nodes
+    kernels = []
+    for r in entry.meta["kernels"]:
+        covered = [nodes[i] for i in r["nodes"]]
+        srcs = list(dict.fromkeys(n.source for n in covered if n.source))
+        kernels.append(
+            KernelInfo(
+                r["name"],
+                r["kind"],
+                [n.outputs[0].name for n in covered],
+                [n.op for n in covered],
+                srcs,
+                r["text"],
+            )
+        )
+    fallbacks = [
+        {
+            "node": nodes[f["node"]].outputs[0].name,
+            "op": nodes[f["node"]].op,
+            "reason": f["reason"],
+            "source": nodes[f["node"]].source,
+        }
+        for f in entry.meta["fallbacks"]
+    ]
+    choices = os.path.join(root, f"matmul_choices_{entry.meta['device'].replace(' ', '_')}.json")
+    rt = KernelRuntime(graph, interpret, config.matmul, None if interpret else choices)
+    state = [graph.tensors[v.name] for v in graph.state_inputs]
+    cm._runner = _Runner(entry.module.call, state, rt, entry.path)
+    cm.kernels = kernels
+    with open(entry.path) as f:
+        module_source = f.read()
+    cm.artifacts["kernels"] = KernelsArtifact(
+        kernels, fallbacks, entry.path, module_source, entry.status, key
+    )

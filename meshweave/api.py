@@ -56,6 +56,11 @@ def compile(
     options = options or default_options()
     if not isinstance(args, tuple):
         args = (args,)
+    if options.backend == "triton":
+        # torch.export imports triton; the interpreter switch must come before it.
+        from meshweave.codegen import prepare_triton_backend
+
+        prepare_triton_backend(options, model)
     ep = export_model(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=options.strict)
     if options.decompose:
         ep = decompose(ep)

@@ -35,6 +35,7 @@ class CompiledModel:
         self.backend = options.backend or "eager"
         self._runner: Callable[[list[Any]], list[Any]] = self._run_reference
         self.artifacts: dict[str, Any] = {}
+        self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

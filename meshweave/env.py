@@ -2,7 +2,8 @@
 
 MESHWEAVE_DUMP_DIR     write the IR after every pass (and generated kernels) under this folder,
                        as if CompileOptions(dump_dir=...) were given.
-MESHWEAVE_CACHE_DIR    where generated kernels are cached (default: ~/.cache/meshweave).
+MESHWEAVE_CACHE_DIR    cache root (default: ~/.cache/meshweave); generated kernels live
+                       under <cache root>/kernels.
 TRITON_INTERPRET       read by Triton itself; set to 1 before triton is imported to run
                        generated kernels on CPU (meshweave sets it when backend="triton" runs
                        on a machine without CUDA and triton is not yet imported).

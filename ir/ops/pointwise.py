@@ -22,7 +22,7 @@ LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
 FLOAT_RESULT = {"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "sin", "cos", "erf", "exp2",
                 "log2", "log10", "log1p", "expm1", "reciprocal"}
 OVERLOADS = ("default", "Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor",
-             "self", "ScalarOther", "ScalarSelf")
+             "self", "ScalarOther", "ScalarSelf", "Tensor_mode", "Scalar_mode")
 
 
 def _pointwise_shape(base: str):

@@ -106,7 +106,9 @@ register_op("aten._log_softmax.default", shape=_softmax_rule, flops=_softmax_flo
 def _layer_norm_rule(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     k = len(normalized_shape)
     stat_shape = tuple(x.shape[: x.rank - k]) + (1,) * k
-    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    # CUDA keeps mean/rstd of half inputs in fp32; the CPU kernel returns the input dtype.
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    stat_dtype = torch.float32 if half and x.device != "cpu" else x.dtype
     return [
         TensorType(x.shape, x.dtype, x.device),
         TensorType(stat_shape, stat_dtype, x.device),

@@ -1,0 +1,240 @@
+"""What a generated module's call() uses at run time: launch configurations, the matmul
+variant chooser, attention, and the reference executor for nodes that were not compiled.
+
+Launch sizes are computed from the actual sizes on every call (shapes may be symbolic), so one
+generated module serves every shape. Matmuls are the one place where the choice of code
+depends on measurement: on a GPU each (kernel, M, N, K) is timed once for the Triton template
+(a few tile configurations) against torch.matmul + the epilogue kernel, and the winner is
+remembered in memory and in a JSON file next to the kernel cache. Under the interpreter the
+rule is deterministic: the template, so that it is what the CPU tests exercise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..ir.graph import Graph, Node
+from ..runtime.reference import run_node
+from .flash_attention import flash_attention
+
+TORCH = "torch"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on the GPU.
+GPU_MATMUL_CONFIGS = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 64, 4, 4),
+    (16, 64, 64, 4, 3),
+]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class MatmulChooser:
+    """Per-shape choice between the Triton template (with a tile config) and cuBLAS."""
+
+    def __init__(self, policy: str, interpret: bool, path: str | None):
+        self.policy = policy
+        self.interpret = interpret
+        self.path = path
+        self.choices: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    self.choices = {
+                        k: (v if v == TORCH else tuple(v)) for k, v in json.load(f).items()
+                    }
+            except (OSError, ValueError):
+                self.choices = {}  # a damaged choice file is only a lost measurement
+
+    def default_config(self, M: int, N: int, K: int) -> tuple:
+        def tile(n, cap):
+            return min(cap, max(16, next_power_of_2(n)))
+
+        if self.interpret:  # big tiles: fewer interpreted programs (numpy does the work)
+            return (tile(M, 256), tile(N, 256), tile(K, 256), 4, 1)
+        return (tile(M, 64), tile(N, 64), 32, 4, 3)
+
+    def candidates(self, M: int, N: int, K: int) -> list:
+        configs = [c for c in GPU_MATMUL_CONFIGS if c[0] <= max(16, next_power_of_2(M))]
+        return [TORCH] + configs[:4]
+
+    def choose(self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None]) -> Any:
+        if self.policy == "triton" or (self.policy == "auto" and self.interpret):
+            return self.default_config(M, N, K)
+        if self.policy == TORCH:
+            return TORCH
+        full = f"{key}|{M}x{N}x{K}"
+        if full in self.choices:
+            return self.choices[full]
+        best = min(self.candidates(M, N, K), key=lambda c: _time_gpu(lambda: launch(c)))
+        with self._lock:
+            self.choices[full] = best
+            self._save()
+        return best
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.choices, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def _time_gpu(fn: Callable[[], None], reps: int = 10) -> float:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        fn()  # compile and warm up
+    except (OutOfResources, CompilationError):  # a config that does not fit loses
+        return float("inf")
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+class KernelRuntime:
+    """Passed to a generated module's call(inputs, state, rt)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        interpret: bool,
+        matmul_policy: str = "auto",
+        choices_path: str | None = None,
+    ):
+        self.graph = graph
+        self.interpret = interpret
+        self.nodes: list[Node] = list(graph.nodes)
+        self.matmuls = MatmulChooser(matmul_policy, interpret, choices_path)
+
+    # --- nodes that were not compiled -----------------------------------------------------------
+    def run_node(self, index: int, values: Sequence[Any]) -> list[Any]:
+        """Run IR node `index` through the reference executor on the given input values."""
+        node = self.nodes[index]
+        env = dict(zip(node.inputs, values))
+        run_node(node, env)
+        return [env[o] for o in node.outputs]
+
+    @staticmethod
+    def contiguous(x: Any) -> Any:
+        return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+    # --- launch configurations ------------------------------------------------------------------
+    def pointwise_config(self, xnumel: int) -> tuple[int, int]:
+        if self.interpret:
+            return min(next_power_of_2(max(xnumel, 1)), 1 << 16), 1
+        block = min(1024, max(128, next_power_of_2(xnumel)))
+        return block, 4 if block <= 512 else 8
+
+    def reduction_config(self, xnumel: int, rnumel: int) -> tuple[int, int, int]:
+        rblock = next_power_of_2(max(rnumel, 1))
+        budget = (1 << 16) if self.interpret else 4096
+        xblock = max(1, min(next_power_of_2(max(xnumel, 1)), budget // rblock, 64))
+        if self.interpret:
+            xblock = max(1, min(next_power_of_2(max(xnumel, 1)), budget // rblock))
+        warps = 4 if rblock * xblock <= 2048 else (8 if rblock * xblock <= 8192 else 16)
+        return xblock, rblock, warps
+
+    @property
+    def allow_tf32(self) -> bool:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+
+    # --- matmul ---------------------------------------------------------------------------------
+    def matmul(
+        self,
+        template,
+        epilogue,
+        key: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        io: Sequence[torch.Tensor],
+        M: int,
+        N: int,
+        K: int,
+        syms: Sequence[int],
+        batch: int = 1,
+        direct_out: torch.Tensor | None = None,
+    ) -> None:
+        """out = epilogue(a @ b), by the template or by torch.matmul + the epilogue kernel.
+
+        `direct_out` is the output buffer when nothing is fused (then cuBLAS writes it).
+        """
+        import triton
+
+        tf32 = self.allow_tf32 or a.dtype != torch.float32
+        squeeze = batch == 1 and a.dim() == 2
+
+        def launch(cfg) -> None:
+            if cfg == TORCH:
+                if direct_out is not None:
+                    torch.matmul(a, b, out=direct_out.view((M, N) if squeeze else (batch, M, N)))
+                    return
+                acc = torch.matmul(a, b)
+                grid = (triton.cdiv(M, 64), triton.cdiv(N, 64), batch)
+                epilogue[grid](acc, *io, M, N, *syms, BLOCK_M=64, BLOCK_N=64)
+                return
+            bm, bn, bk, warps, stages = cfg
+            sa = (0, *a.stride()) if squeeze else a.stride()
+            sb = (0, *b.stride()) if squeeze else b.stride()
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), batch)
+            template[grid](
+                a,
+                b,
+                *io,
+                M,
+                N,
+                K,
+                sa[1],
+                sa[2],
+                sb[1],
+                sb[2],
+                sa[0],
+                sb[0],
+                *syms,
+                ALLOW_TF32=tf32,
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                BLOCK_K=bk,
+                GROUP_M=8,
+                num_warps=warps,
+                num_stages=stages,
+            )
+
+        launch(self.matmuls.choose(f"{key}|{a.dtype}", M, N, K, launch))
+
+    # --- attention ------------------------------------------------------------------------------
+    def attention(
+        self, kernel, q, k, v, mask=None, is_causal=False, scale=None, enable_gqa=False
+    ) -> torch.Tensor:
+        return flash_attention(
+            kernel,
+            q,
+            k,
+            v,
+            mask,
+            is_causal,
+            scale,
+            enable_gqa,
+            interpret=self.interpret,
+            allow_tf32=self.allow_tf32,
+        )
