@@ -92,7 +92,9 @@ def _max_error(a, b) -> float:
 
 def _setup_dump(p):
     _add_model_args(p)
-    p.add_argument("--what", default="ir", help="ir | ops (more with later components)")
+    p.add_argument("--what", default="ir",
+                   help="what to print: " + ", ".join(sorted(DUMPERS)) + " (rank:N for one "
+                        "rank's program)")
     p.add_argument("--dialect", choices=["torch", "linalg", "stablehlo", "tosa"],
                    default="torch", help="MLIR dialect for --what mlir (default torch)")
     p.add_argument("--rank", type=int, default=None,
@@ -114,6 +116,15 @@ def dumper(name: str):
 @dumper("ir")
 def _dump_ir(args) -> str:
     return str(compile_zoo_model(args)[2].graph)
+
+
+@dumper("kernels")
+def _dump_kernels(args) -> str:
+    """The generated Triton module (backend="triton"; under the interpreter on CPU)."""
+    args.backend = "triton"
+    cm = compile_zoo_model(args)[2]
+    art = cm.artifacts["kernels"]
+    return art.summary() + "\n\n" + art.module_source
 
 
 @dumper("ops")
