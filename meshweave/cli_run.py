@@ -165,29 +165,17 @@ def _run_local(spec, check: bool) -> int:
 
 
 def _run_torchrun(spec, check: bool) -> int:
-    import os
-
+    """Rank 0 traces, plans and writes the weights; every rank loads only its shards."""
     from meshweave.runtime.distributed.launch import launch
-    from meshweave.runtime.distributed.runner import collect
+    from meshweave.runtime.distributed.runner import collect, run_torchrun_rank
 
-    job = _prepare(spec)
-    results = launch(_rank_gather, job.plan.world_size, (job,), spec.timeout_s, backend="gloo")
-    if int(os.environ["RANK"]) != 0:
+    [(job, results)] = launch(
+        run_torchrun_rank, spec.world_size, (spec, _prepare), spec.timeout_s, backend="gloo"
+    )
+    if job is None:  # not rank 0
         return 0
     print(_plan_line(job))
-    return _report(job, collect(job, results[0]), check)
-
-
-def _rank_gather(rank: int, world_size: int, job):
-    """run_rank, then every rank's result on rank 0 (under torchrun there is no parent)."""
-    import torch.distributed as dist
-
-    from meshweave.runtime.distributed.runner import run_rank
-
-    mine = run_rank(rank, world_size, job)
-    gathered = [None] * world_size if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return gathered
+    return _report(job, collect(job, results), check)
 
 
 def _plan_line(job) -> str:

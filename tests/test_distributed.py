@@ -2,14 +2,16 @@
 
 Data parallel, pipelines (GPipe and 1F1B, micro-batches) and ZeRO-1 run through the runtime's
 own stage split here; plans with tensor parallelism (the planner's lowering) are in
-test_distributed_planner.py. Ranks start with fork (milliseconds each), so each case is its own
-launch. Faults: a rank that raises, dies or hangs makes `launch` raise DistributedError in
+test_distributed_planner.py, except one TP case that checks each rank holds only its own weight
+shards (loaded from the checkpoint the parent writes). Ranks start with fork (milliseconds
+each), so each case is its own launch. Faults: a rank that raises, dies or hangs makes `launch` raise DistributedError in
 bounded time. Every numeric failure prints a `meshweave run ... --check` line that reproduces it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.ir.sharding import Partial, Replicate, Shard
 from meshweave.runtime.distributed import DistributedError
+from meshweave.runtime.distributed.checkpoint import load_rank_tensors, rank_job
 from meshweave.runtime.distributed.groups import plan_group_rank_lists
 from meshweave.runtime.distributed.launch import launch
 from meshweave.runtime.distributed.runner import (
@@ -165,6 +168,59 @@ def test_adam_and_deep_pipeline(traced):
     assert errs["loss"] < 1e-4 and errs["params"] < 1e-4, (errs, repro("gpt-tiny", spec))
 
 
+# ------------------------------------------------------------------------ weight loading
+@pytest.mark.timeout(60)
+def test_tp_ranks_hold_only_their_weight_shards(traced):
+    """TP=2: each rank's parameter storage is its shards (sharded weights: exactly half)."""
+    pytest.importorskip("meshweave.passes.parallel.lower")
+    job, got = check_case("gpt-tiny", traced, tp=2, lowering="planner")
+    full = {v.name: job.graph.tensors[v.name] for v in job.graph.inputs if v.kind == "param"}
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    for r in got.ranks:
+        shard_bytes = sum(t.numel() * t.element_size() for t in r.params.values())
+        assert r.param_bytes == shard_bytes < full_bytes, (r.rank, r.param_bytes, full_bytes)
+        sharded = [n for n in r.params if r.specs[n]]
+        assert sharded, "a TP=2 plan shards some weights"
+        held = sum(r.params[n].numel() * r.params[n].element_size() for n in sharded)
+        assert 2 * held == sum(full[n].numel() * full[n].element_size() for n in sharded)
+
+
+def test_rank_job_has_no_weights(traced, tmp_path):
+    job = prepare(
+        RunSpec("gpt-tiny", dp=2, batch=BATCH, seq=SEQ, lowering="split"), traced("gpt-tiny")
+    )
+    rjob = rank_job(job, str(tmp_path / "w.pt"))
+    assert rjob.model_state == {}
+    # tied weights are found in the parent (meta tensors do not share storage)
+    assert rjob.ties == [(["p_tok_emb_weight", "p_lm_head_weight"], [0])]
+    assert all(t.device.type == "meta" for t in rjob.graph.tensors.values())
+    assert all(t.device.type == "cpu" for t in job.graph.tensors.values())  # parent's untouched
+    with pytest.raises(DistributedError, match="needs a job with a weight checkpoint"):
+        run_rank(0, 2, job)  # a job with full weights is refused before any collective
+    name, meta = next(iter(rjob.graph.tensors.items()))
+    (got,) = load_rank_tensors(rjob.checkpoint, {name: meta}, {}).values()
+    assert torch.equal(got, job.graph.tensors[name])
+
+
+@pytest.mark.timeout(60)
+def test_missing_or_corrupt_checkpoint_names_the_file(traced, tmp_path):
+    job = prepare(
+        RunSpec("gpt-tiny", dp=2, batch=BATCH, seq=SEQ, lowering="split"), traced("gpt-tiny")
+    )
+    path = tmp_path / "weights.pt"
+    rjob = rank_job(job, str(path))
+    meta = dict(rjob.graph.tensors)
+    with pytest.raises(DistributedError, match="has no tensor 'nope'"):
+        load_rank_tensors(str(path), {"nope": next(iter(meta.values()))}, {})
+    gone = str(tmp_path / "gone.pt")
+    with pytest.raises(DistributedError, match=f"rank 1: weight checkpoint {re.escape(gone)} does"):
+        load_rank_tensors(gone, meta, {}, rank=1)
+    path.write_bytes(path.read_bytes()[:100])  # truncated: a corrupt file
+    with pytest.raises(DistributedError, match=r"rank \d raised \S*DistributedError") as e:
+        launch(run_rank, 2, (rjob,), timeout_s=30)
+    assert f"cannot read weight checkpoint {path}: RuntimeError" in str(e.value).splitlines()[0]
+
+
 # ------------------------------------------------------------------------ faults
 def _allreduce(rank, world):
     t = torch.tensor([float(rank + 1)])
@@ -265,7 +321,7 @@ def test_mesh_that_does_not_match_the_world_is_an_error(traced):
 
 
 @pytest.mark.timeout(60)
-def test_under_torchrun_env(monkeypatch):
+def test_under_torchrun_env(monkeypatch, tmp_path, capsys):
     import socket
 
     with socket.socket() as s:
@@ -281,6 +337,14 @@ def test_under_torchrun_env(monkeypatch):
         monkeypatch.setenv(k, v)
     assert launch(_allreduce, 1) == [1.0]
     assert not dist.is_initialized()
+    # `meshweave run` under torchrun: rank 0 prepares and writes the checkpoint, ranks load it
+    from meshweave.cli import main
+
+    monkeypatch.setenv("MESHWEAVE_CHECKPOINT_DIR", str(tmp_path))
+    argv = ["run", "--model", "gpt-tiny", "--mesh", "1", "--plan", "dp", "--seq", str(SEQ)]
+    assert main([*argv, "--lowering", "split", "--train", "--check"]) == 0
+    assert "check passed" in capsys.readouterr().out
+    assert not dist.is_initialized() and not list(tmp_path.iterdir())  # checkpoint removed
     with pytest.raises(DistributedError, match="torchrun started 1 ranks but this run needs 2"):
         launch(_allreduce, 2)
 

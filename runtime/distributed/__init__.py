@@ -7,8 +7,10 @@
 
 `launch(fn, world_size, args)` starts ranks as processes on 127.0.0.1 (gloo on CPU, NCCL on
 CUDA), or runs `fn` in-process under torchrun; a rank that raises or dies makes `launch` raise
-DistributedError naming it. Modules import torch.distributed lazily where it matters; nothing
-here creates groups or processes at import time.
+DistributedError naming it. Ranks never get the full weights: the process that plans writes
+them once to a checkpoint and each rank loads only its own shards (checkpoint.py). Modules
+import torch.distributed lazily where it matters; nothing here creates groups or processes at
+import time.
 """
 
 from .errors import DistributedError

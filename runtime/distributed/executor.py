@@ -60,7 +60,10 @@ class RankExecutor:
         loss: str = "ce",
         device: str = "cpu",
         ties: Sequence[tuple[Sequence[str], Sequence[int]]] = (),
+        own_tensors: bool = False,
     ):
+        """`own_tensors`: the program's tensors belong to this executor (a rank's shards
+        loaded from the checkpoint), so parameters are used and updated in place, not copied."""
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
         self.program, self.plan, self.rank = program, plan, program.rank
@@ -77,10 +80,13 @@ class RankExecutor:
         # Parameters get their own storage: tied copies must not alias (each is stepped), and
         # the rank's state is its shards alone, whatever the program's tensors share.
         param_names = {v.name for v in program.graph.inputs if v.kind == "param"}
-        self.tensors = {
-            k: t.detach().to(device, copy=k in param_names)
-            for k, t in program.graph.tensors.items()
-        }
+        seen: set[int] = set()
+        self.tensors = {}
+        for k, t in program.graph.tensors.items():
+            ptr = t.untyped_storage().data_ptr()
+            copy = k in param_names and (not own_tensors or ptr in seen)
+            seen.add(ptr)
+            self.tensors[k] = t.detach().to(device, copy=copy)
         self.params = {k: self.tensors[k] for k in sorted(param_names)}
         self.p2p = ac.P2P()
         self.schedule = stage_schedule(

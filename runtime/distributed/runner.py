@@ -6,10 +6,15 @@
     ref = run_single_device(job)        # the eager model on one device
     errs = compare(ref, got)            # max |error| of outputs, losses and parameters
 
-The parent traces the model once and plans; each rank lowers the plan for itself
-(`lower_for_rank` of the planner, or the runtime's own stage split for plans that only
-replicate parameters), slices its own weight shards, runs and returns its shards; the parent
-reassembles full parameters from the shards and their shard specs. Labels for training are the next tokens of the
+The parent traces the model once, plans, and writes the weights once to a checkpoint file in
+a temporary directory (checkpoint.py); the ranks get a weight-free job (the graph's tensors on
+the meta device). Each rank lowers the plan for itself (`lower_for_rank` of the planner, or the
+runtime's own stage split for plans that only replicate parameters), loads only its own weight
+shards from the memory-mapped checkpoint, runs and returns its shards; the parent reassembles
+full parameters from the shards and their shard specs. Under torchrun there is no parent:
+`run_torchrun_rank` has rank 0 prepare the job and write the checkpoint (under
+$MESHWEAVE_CHECKPOINT_DIR when set, which every rank must see: a shared directory on several
+nodes), then broadcasts the weight-free job. Labels for training are the next tokens of the
 inputs (the last position predicts token 0), the loss is executor.py's documented "ce".
 """
 
@@ -17,12 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import torch
 
 from ...ir.graph import Graph
 from ...ir.mesh import DeviceMesh
+from .checkpoint import CHECKPOINT_NAME, load_program_weights, rank_job
 from .errors import DistributedError
 from .executor import RankExecutor
 from .optim import OptimConfig
@@ -75,6 +84,9 @@ class Job:
     labels: torch.Tensor
     lowering: str  # "planner" | "split"
     model_state: dict[str, torch.Tensor]  # initial weights by fully qualified name
+    # Set on the job the ranks get (checkpoint.rank_job): its graph's tensors are meta.
+    checkpoint: str | None = None  # the weights file every rank loads its shards from
+    ties: list | None = None  # tied_params of the real graph (meta tensors hide shared storage)
 
 
 @dataclasses.dataclass
@@ -89,6 +101,7 @@ class RankResult:
     specs: dict[str, list]  # value name -> shard spec (lower.py's format) of the local shard
     param_numel: int
     optim_state_numel: int
+    param_bytes: int = 0  # bytes of the distinct storages behind the rank's parameters
 
 
 @dataclasses.dataclass
@@ -233,7 +246,8 @@ def rank_program(job: Job, rank: int) -> RankProgram:
 
 
 def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
-    """Body of one rank: create groups, lower, run inference or training steps."""
+    """Body of one rank: create groups, lower, load its weight shards, run inference or
+    training steps. `job` is a rank job (checkpoint.rank_job): weights come from its file."""
     from .groups import init_plan_groups
 
     plan, spec = job.plan, job.spec
@@ -241,11 +255,23 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         raise DistributedError(
             f"the plan needs {plan.world_size} ranks, the world has {world_size}"
         )
-    ties = tied_params(job.graph, plan)
+    if job.checkpoint is None:
+        raise DistributedError(
+            "run_rank needs a job with a weight checkpoint (checkpoint.rank_job); "
+            "ranks do not use the full weights of the job"
+        )
+    ties = job.ties if job.ties is not None else tied_params(job.graph, plan)
     init_plan_groups(plan, tie_rank_groups(ties, plan))
     program = rank_program(job, rank)
+    load_program_weights(program, job.checkpoint)
     ex = RankExecutor(
-        program, plan, training=spec.training, optim=spec.optim, loss=spec.loss, ties=ties
+        program,
+        plan,
+        training=spec.training,
+        optim=spec.optim,
+        loss=spec.loss,
+        ties=ties,
+        own_tensors=True,
     )
     outputs, losses = None, []
     if spec.training:
@@ -271,7 +297,13 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         specs,
         sum(t.numel() for t in ex.params.values()),
         opt,
+        _storage_bytes([*ex.params.values(), *(program.graph.tensors[k] for k in ex.params)]),
     )
+
+
+def _storage_bytes(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def run_distributed(job: Job, start_method: str | None = None) -> RunResult:
@@ -282,15 +314,47 @@ def run_distributed(job: Job, start_method: str | None = None) -> RunResult:
     """
     from .launch import launch
 
-    results = launch(
-        run_rank,
-        job.plan.world_size,
-        (job,),
-        job.spec.timeout_s,
-        backend="gloo",
-        start_method=start_method,
-    )
+    with tempfile.TemporaryDirectory(prefix="meshweave-weights-") as tmp:
+        results = launch(
+            run_rank,
+            job.plan.world_size,
+            (rank_job(job, os.path.join(tmp, CHECKPOINT_NAME)),),
+            job.spec.timeout_s,
+            backend="gloo",
+            start_method=start_method,
+        )
     return collect(job, results)
+
+
+def run_torchrun_rank(rank: int, world_size: int, spec: RunSpec, prepare_fn=None):
+    """One rank under torchrun (launch's `fn`): rank 0 prepares the job and writes the
+    checkpoint, every rank gets the weight-free job by broadcast, runs, and rank 0 gathers the
+    results. Returns (job, results) on rank 0, (None, None) elsewhere."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    job, tmp = None, None
+    try:
+        if rank == 0:
+            try:
+                job = (prepare_fn or prepare)(spec)
+                tmp = tempfile.mkdtemp(
+                    prefix="meshweave-weights-", dir=os.environ.get("MESHWEAVE_CHECKPOINT_DIR")
+                )
+                box = [rank_job(job, os.path.join(tmp, CHECKPOINT_NAME))]
+            except BaseException as e:
+                dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+                raise
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise DistributedError(f"rank 0 failed to prepare the run: {box[0]}")
+        mine = run_rank(rank, world_size, box[0])
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        return job, gathered
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def collect(job: Job, results: list[RankResult]) -> RunResult:
