@@ -3,4 +3,4 @@
 from .convert import convert, source_line
 from .trace import PRESERVED_OPS, decompose, export_model
 
-__all__ = ["convert", "decompose", "export_model", "source_line", "PRESERVED_OPS"]
+__all__ = ["PRESERVED_OPS", "convert", "decompose", "export_model", "source_line"]

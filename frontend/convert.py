@@ -12,7 +12,7 @@ import operator
 import re
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..ir.errors import FrontendError, UnsupportedOpError

@@ -9,7 +9,21 @@ from .types import ScalarType, TensorType
 from .verify import verify
 
 __all__ = [
-    "Graph", "Node", "Value", "TensorType", "ScalarType", "OPS", "RuleTable", "lookup",
-    "register_op", "print_graph", "verify", "Replicate", "Shard", "Partial",
-    "MeshweaveError", "UnsupportedOpError", "VerificationError",
+    "OPS",
+    "Graph",
+    "MeshweaveError",
+    "Node",
+    "Partial",
+    "Replicate",
+    "RuleTable",
+    "ScalarType",
+    "Shard",
+    "TensorType",
+    "UnsupportedOpError",
+    "Value",
+    "VerificationError",
+    "lookup",
+    "print_graph",
+    "register_op",
+    "verify",
 ]

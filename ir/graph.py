@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import sympy
 import torch
@@ -27,7 +28,7 @@ class Value:
 
     name: str
     type: ValueType
-    producer: "Node | None" = None  # None for graph inputs
+    producer: Node | None = None  # None for graph inputs
     kind: str = "activation"  # "activation" or one of INPUT_KINDS
     target: str | None = None  # parameter/buffer fully-qualified name, or user input name
     placements: Placements | None = None  # one per mesh axis, set by the planner
@@ -161,7 +162,7 @@ class Graph:
         return counts
 
     # --- construction helpers -------------------------------------------------------------
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         """A structural copy: new Values and Nodes; tensors are shared (never mutated)."""
         vmap: dict[Value, Value] = {}
 

@@ -10,7 +10,8 @@ names in an if-chain.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def resolve_torch_op(name: str) -> Callable[..., Any]:
 class RuleTable:
     """Rules of one kind (sharding, lowering, ...), keyed by op name."""
 
-    tables: dict[str, "RuleTable"] = {}
+    tables: dict[str, RuleTable] = {}
 
     def __init__(self, kind: str):
         self.kind = kind

@@ -8,7 +8,8 @@ codegen) reads shapes through these helpers so that symbolic and static shapes s
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import sympy
 import torch
@@ -90,10 +91,10 @@ class TensorType:
         """The shape with every symbol replaced by its hint (the example input's size)."""
         return tuple(concrete_dim(d, hints) for d in self.shape)
 
-    def with_shape(self, shape: Sequence[Dim]) -> "TensorType":
+    def with_shape(self, shape: Sequence[Dim]) -> TensorType:
         return TensorType(tuple(simplify_dim(d) for d in shape), self.dtype, self.device)
 
-    def with_dtype(self, dtype: torch.dtype) -> "TensorType":
+    def with_dtype(self, dtype: torch.dtype) -> TensorType:
         return TensorType(self.shape, dtype, self.device)
 
     def __str__(self) -> str:

@@ -19,13 +19,13 @@ from meshweave.ir.errors import (
 from meshweave.options import CompileOptions, options_override
 
 __all__ = [
-    "compile",
-    "CompiledModel",
     "CompileOptions",
-    "options_override",
-    "MeshweaveError",
+    "CompiledModel",
     "FrontendError",
+    "MeshweaveError",
     "UnsupportedOpError",
     "VerificationError",
+    "compile",
+    "options_override",
 ]
 __version__ = "0.1.0"

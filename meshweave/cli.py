@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 DEFAULT_MODEL = "gpt-tiny"
@@ -51,11 +51,11 @@ def load_model(name: str, batch: int, seq: int, device: str = "cpu"):
     return spec, model.eval(), spec.example_inputs(batch=batch, seq=seq, device=device)
 
 
-def compile_zoo_model(args) -> "object":
+def compile_zoo_model(args) -> object:
     import meshweave
     from meshweave.progress import step
 
-    spec, model, inputs = load_model(args.model, args.batch, args.seq)
+    _, model, inputs = load_model(args.model, args.batch, args.seq)
     opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None))
     with step(f"compiling {args.model}"):
         cm = meshweave.compile(model, inputs, options=opts)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import torch
 import torch.utils._pytree as pytree
 
 from meshweave.ir.graph import Graph
@@ -77,9 +77,9 @@ class CompiledModel:
         lines = [
             f"meshweave compiled model: {self.model_name}",
             f"  backend: {self.backend}",
-            f"  inputs: " + ", ".join(f"%{v.name}: {v.type}" for v in g.user_inputs),
-            f"  parameters: {n_params:,} elements in "
-            f"{sum(1 for v in g.inputs if v.kind == 'param')} tensors",
+            "  inputs: " + ", ".join(f"%{v.name}: {v.type}" for v in g.user_inputs),
+            (f"  parameters: {n_params:,} elements in "
+             f"{sum(1 for v in g.inputs if v.kind == 'param')} tensors"),
             f"  nodes: {len(self.frontend_graph.nodes)} traced -> {len(g.nodes)} after passes",
         ]
         if g.symbols:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class CompileOptions:
         if self.passes is not None and not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
 
-    def replace(self, **changes: Any) -> "CompileOptions":
+    def replace(self, **changes: Any) -> CompileOptions:
         return dataclasses.replace(self, **changes)
 
 

@@ -80,7 +80,8 @@ class Signature:
 
     def _check_tensor(self, label: str, exp: TensorType, value: Any, bound: dict) -> None:
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{label}: expected a tensor {exp}, got {type(value).__name__}")
+            # ValueError like every other signature mismatch, so callers catch one type.
+            raise ValueError(f"{label}: expected a tensor {exp}, got {type(value).__name__}")  # noqa: TRY004
         if value.dtype != exp.dtype:
             raise ValueError(f"{label}: expected dtype {dtype_short(exp.dtype)} "
                              f"({exp.dtype}), got {value.dtype}")
@@ -98,8 +99,15 @@ class Signature:
             self._check_symbolic(label, i, d, int(actual), bound, exp)
 
     def _check_symbolic(self, label, i, d, actual, bound, exp) -> None:
+        if not d.is_Symbol:
+            # A derived dim (e.g. 2*s0): check it once its symbols are bound by other dims.
+            values = {s: bound[s][0] for s in d.free_symbols if s in bound}
+            if len(values) == len(d.free_symbols) and int(d.subs(values)) != actual:
+                raise ValueError(f"{label}: dim {i} must be {d} = {int(d.subs(values))}, got "
+                                 f"{actual}")
+            return
         if d.is_Symbol:
-            hint, lo, hi = self.symbols.get(d, (None, 0, None))
+            _, lo, hi = self.symbols.get(d, (None, 0, None))
             if actual < lo or (hi is not None and actual > hi):
                 raise ValueError(f"{label}: dim {i} ({d}) must be in [{lo}, "
                                  f"{'inf' if hi is None else hi}], got {actual}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..ir.graph import Graph, PassRecord
 from ..ir.printer import print_graph

@@ -6,7 +6,8 @@ or, for nodes marked as eager fallback, the torch op resolved by name.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

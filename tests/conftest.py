@@ -10,9 +10,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.utils._pytree as pytree  # noqa: E402
+import pytest
+import torch
+import torch.utils._pytree as pytree
 
 
 def assert_same_outputs(expected, got, *, rtol=1e-5, atol=1e-5, repro: str = "") -> None:
@@ -24,7 +24,7 @@ def assert_same_outputs(expected, got, *, rtol=1e-5, atol=1e-5, repro: str = "")
     for i, (x, y) in enumerate(zip(le, lg)):
         if isinstance(x, torch.Tensor):
             torch.testing.assert_close(y, x, rtol=rtol, atol=atol,
-                                       msg=lambda m: f"leaf {i}: {m}\nrepro: {repro}")
+                                       msg=lambda m, i=i: f"leaf {i}: {m}\nrepro: {repro}")
         else:
             assert x == y, f"leaf {i}: {y!r} != {x!r}. repro: {repro}"
 

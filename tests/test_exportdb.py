@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_same_outputs
 from torch._export.db.examples import all_examples
 
 import meshweave
-from conftest import assert_same_outputs
 
 CASES = sorted(all_examples().items())
 

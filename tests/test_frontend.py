@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import assert_same_outputs
 from torch.export import Dim
 
 import meshweave
-from conftest import assert_same_outputs
 
 
 class Block(torch.nn.Module):
@@ -197,3 +197,26 @@ def test_bad_options():
     with pytest.raises(ValueError, match="unknown pass"):
         meshweave.compile(Block(), (torch.randn(2, 5, 16),),
                           options=meshweave.CompileOptions(passes=("nope",)))
+
+
+def test_wrong_device_and_non_tensor(compiled_block):
+    _, cm = compiled_block
+    with pytest.raises(ValueError, match=r"args\[0\]: expected device cpu, got meta"):
+        cm(torch.empty(2, 5, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"args\[0\]: expected a tensor f32\[2, 5, 16\], got int"):
+        cm(3)
+
+
+class Concat(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.cat([x, y]) * 2
+
+
+def test_derived_dynamic_dims_are_checked():
+    s = Dim("s", min=2, max=16)
+    cm = meshweave.compile(Concat(), (torch.randn(3, 4), torch.randn(3, 4)),
+                           dynamic_shapes=({0: s}, {0: s}))
+    assert_same_outputs(Concat()(torch.ones(5, 4), torch.ones(5, 4)),
+                        cm(torch.ones(5, 4), torch.ones(5, 4)))
+    with pytest.raises(ValueError, match=r"args\[1\]: dim 0 \(s\d*\) is 6 but argument args\[0\]"):
+        cm(torch.ones(5, 4), torch.ones(6, 4))

@@ -7,17 +7,17 @@ import os
 import pytest
 import sympy
 import torch
-
-import meshweave
 from meshweave.ir import Graph, Node, RuleTable, Value, verify
 from meshweave.ir.errors import UnsupportedOpError, VerificationError
 from meshweave.ir.registry import lookup
 from meshweave.ir.types import TensorType
-from meshweave.passes.pipeline import Pass, run_pipeline
 from meshweave.passes.constant_fold import constant_fold
 from meshweave.passes.cse import cse
 from meshweave.passes.dce import dce
+from meshweave.passes.pipeline import Pass, run_pipeline
 from meshweave.runtime import run_graph
+
+import meshweave
 
 
 class Redundant(torch.nn.Module):

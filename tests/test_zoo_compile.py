@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_outputs
+from meshweave.models import build_model, list_models
 from torch.export import Dim
 
 import meshweave
-from conftest import assert_same_outputs
-from meshweave.models import build_model, list_models
 
 TINY = [n for n in list_models() if n.endswith("-tiny") or n.startswith("hf:")]
 

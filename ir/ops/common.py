@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import sympy
 import torch
@@ -44,7 +44,7 @@ def result_dtype(*xs) -> torch.dtype:
             continue  # zero-dim tensors do not promote dimensioned ones within a category
         dt = torch.promote_types(dt, t.dtype)
     for x in xs:
-        if isinstance(x, bool) or isinstance(x, TensorType):
+        if isinstance(x, (bool, TensorType)):
             continue
         if isinstance(x, float) and not (dt.is_floating_point or dt.is_complex):
             dt = torch.get_default_dtype()

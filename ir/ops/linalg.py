@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..registry import register_op
 from ..types import TensorType
 from .common import broadcast_shapes, numel
@@ -112,7 +110,9 @@ def _conv_rule(x, w, bias, stride, padding, dilation, transposed, output_padding
     nd = w.rank - 2
     spatial = []
     for i in range(nd):
-        pick = lambda s: s[i] if len(s) > 1 else s[0]  # noqa: E731
+        def pick(s, i=i):
+            return s[i] if len(s) > 1 else s[0]
+
         spatial.append(_conv_out(x.shape[2 + i], w.shape[2 + i], pick(stride), pick(padding),
                                  pick(dilation)))
     return [TensorType((x.shape[0], w.shape[0], *spatial), x.dtype, x.device)]

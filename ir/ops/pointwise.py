@@ -8,14 +8,9 @@ from ..registry import register_op
 from ..types import TensorType
 from .common import broadcast_shapes, first_tensor, numel, result_dtype
 
-UNARY = """abs neg exp exp2 expm1 log log1p log2 log10 sqrt rsqrt sin cos tan tanh sinh cosh
-asin acos atan asinh acosh atanh sigmoid relu gelu silu erf erfc erfinv ceil floor round trunc
-sign reciprocal bitwise_not logical_not isnan isinf isfinite hardtanh leaky_relu elu clone
-softplus hardswish hardsigmoid mish alias lift_fresh_copy detach frac""".split()
+UNARY = ["abs", "neg", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "sin", "cos", "tan", "tanh", "sinh", "cosh", "asin", "acos", "atan", "asinh", "acosh", "atanh", "sigmoid", "relu", "gelu", "silu", "erf", "erfc", "erfinv", "ceil", "floor", "round", "trunc", "sign", "reciprocal", "bitwise_not", "logical_not", "isnan", "isinf", "isfinite", "hardtanh", "leaky_relu", "elu", "clone", "softplus", "hardswish", "hardsigmoid", "mish", "alias", "lift_fresh_copy", "detach", "frac"]
 
-BINARY = """add sub mul div pow maximum minimum fmod remainder atan2 bitwise_and bitwise_or
-bitwise_xor logical_and logical_or logical_xor eq ne lt le gt ge copy floor_divide rsub
-hypot""".split()
+BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "fmod", "remainder", "atan2", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or", "logical_xor", "eq", "ne", "lt", "le", "gt", "ge", "copy", "floor_divide", "rsub", "hypot"]
 
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite"}
 LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
