@@ -66,6 +66,14 @@ def _setup_plan(p) -> None:
         default=20.0,
         help="search seconds before the planner stops refining (default 20)",
     )
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory per device a plan may use, in GiB (default: the spec's usable memory); "
+        "below the replicated footprint the planner must shard, pipeline or recompute",
+    )
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Plan JSON here")
 
@@ -170,6 +178,9 @@ def _plan(args) -> int:
     pins = _parse_pins(args.pin)
     if args.batch < 1 or args.seq < 1:
         raise CLIError("--batch and --seq must be positive")
+    if args.memory_gib is not None and not args.memory_gib > 0:
+        raise CLIError(f"--memory-gib {args.memory_gib}: must be positive")
+    budget = args.memory_gib * 2**30 if args.memory_gib is not None else None
     t0 = time.perf_counter()
     graph, repeats, note = trace_for_planning(
         args.model, args.batch, args.seq, args.dtype, args.layers
@@ -185,6 +196,7 @@ def _plan(args) -> int:
         max_stages=args.max_stages,
         repeats=repeats,
         time_budget=args.time_budget,
+        memory_budget=budget,
     )
     plan.search["trace_seconds"] = t_trace
     plan.search["model"] = args.model

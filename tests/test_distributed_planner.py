@@ -1,4 +1,5 @@
-"""The planner's plans on real gloo ranks: DP, TP, PP, DPxTP, PPxTP and the searched plan.
+"""The planner's plans on real gloo ranks: DP, TP, PP, DPxTP, PPxTP and the searched plan
+(free, and under a memory budget that makes it shard weights).
 
 Each rank runs `lower_for_rank(graph, plan, rank)` (passes/parallel/lower.py) through the
 distributed executor; outputs, and in training the losses and every parameter after two
@@ -7,6 +8,8 @@ one test and every failing case is reported, each with the command that reproduc
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from meshweave.runtime.distributed.runner import (
@@ -119,4 +122,49 @@ def test_planner_plans_inference(model, traced):
 @pytest.mark.parametrize("model", MODELS)
 def test_planner_plans_training(model, traced):
     failures = run_cases(model, traced, training=True)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(150)
+def test_searched_plan_under_memory_budget(traced):
+    """The free searched plan of a tiny model replicates everything (communication-bound); a
+    per-device budget below that footprint makes the search shard weights. Inference and two
+    training steps of that plan must match one device."""
+    from meshweave.passes.parallel import plan_parallel
+
+    model = "gpt-tiny"
+    graph = traced(model)[2]
+    failures = []
+    for training in (False, True):
+        spec = RunSpec(
+            model,
+            plan="auto",
+            devices=4,
+            batch=BATCH,
+            seq=SEQ,
+            training=training,
+            lowering="planner",
+        )
+        job = prepare(spec, traced(model))
+        free = max(job.plan.memory.values())
+        plan = plan_parallel(
+            graph,
+            4,
+            spec.hardware,
+            batch=BATCH,
+            training=training,
+            max_stages=1,
+            memory_budget=0.6 * free,
+        )
+        weights = {v.name for v in graph.inputs if v.kind == "param"}
+        sharded = [n for n, pl in plan.placements.items() if n in weights and "S(" in str(pl)]
+        assert sharded, f"training={training}: budgeted plan shards no weight"
+        job = dataclasses.replace(job, plan=plan)
+        errs = compare(run_single_device(job), run_distributed(job))
+        if not (
+            errs.get("outputs", 0) <= OUT_TOL
+            and errs.get("loss", 0) <= OUT_TOL
+            and errs.get("params", 0) <= PARAM_TOL
+        ):
+            failures.append(f"training={training} mesh={plan.mesh.shape}: mismatch {errs}")
     assert not failures, "\n".join(failures)

@@ -7,6 +7,8 @@ program.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import assert_same_outputs
@@ -36,13 +38,18 @@ CASES = {  # name: (dp, tp, pp, micro-batches)
 }
 
 
-@pytest.fixture(scope="module", params=["gpt-tiny", "llama-tiny", "hf:gpt2"])
+@functools.cache
+def _traced(name: str):
+    model, inputs = build_model(name, batch=BATCH, seq=SEQ)
+    graph = meshweave.compile(model, inputs).graph
+    return name, graph, list(inputs), run_graph(graph, list(inputs))
+
+
+@pytest.fixture(scope="module", params=["gpt-tiny", "llama-tiny", "moe-tiny", "hf:gpt2"])
 def zoo(request):
     if request.param.startswith("hf:"):
         pytest.importorskip("transformers")
-    model, inputs = build_model(request.param, batch=BATCH, seq=SEQ)
-    graph = meshweave.compile(model, inputs).graph
-    return request.param, graph, list(inputs), run_graph(graph, list(inputs))
+    return _traced(request.param)
 
 
 def _repro(name: str, mesh: str) -> str:
@@ -87,6 +94,21 @@ def test_megatron_tp_collectives_and_local_shapes():
     assert torch.equal(shard_tensor(full, spec), prog.tensors["p_blocks_0_attn_qkv_weight"])
     views = [n for n in prog.nodes if n.op == "aten.view.default" and len(n.args[1]) == 4]
     assert views and all(n.args[1][2] == 2 for n in views)  # 4 heads / tp 2
+
+
+def test_moe_expert_parallel_pins():
+    """Stacked expert weights sharded on the expert dim (expert parallelism): each tp rank
+    holds and runs half the experts; the planner completes the layout around the pins."""
+    name, graph, inputs, expected = _traced("moe-tiny")
+    experts = [f"p_layers_0_moe_experts_{w}" for w in ("w_in", "w_gate", "w_out")]
+    mesh = DeviceMesh((2, 2), ("dp", "tp"))
+    plan = plan_parallel(graph, mesh, "h100", batch=BATCH, pins={w: ("R", "S(0)") for w in experts})
+    for w in experts:  # the pin on the representative layer holds for every layer
+        assert plan.placements[w] == plan.placements[w.replace("_0_", "_1_")] == ("R", "S(0)")
+    got = simulate_plan(graph, plan, inputs)
+    assert_same_outputs(expected, got, rtol=1e-4, atol=1e-5, repro=_repro(name, "2x2"))
+    prog = lower_for_rank(graph, plan, 1)
+    assert prog.value("p_layers_1_moe_experts_w_out").type.shape == (2, 128, 64)
 
 
 def test_pipeline_programs_send_and_receive():

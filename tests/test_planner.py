@@ -108,6 +108,43 @@ def test_infeasible_memory_names_minimum(gpt_tiny):
     assert max(plan.memory.values()) <= roomy.memory_bytes
 
 
+def _sharded_weights(plan: Plan, graph: Graph) -> list[str]:
+    weights = {v.name for v in graph.inputs if v.kind == "param"}
+    return [n for n, pl in plan.placements.items() if n in weights and any("S(" in p for p in pl)]
+
+
+def test_memory_budget_forces_sharding(gpt_tiny):
+    """Tiny models are communication-bound, so the free plan replicates every weight; a budget
+    below that footprint (one stage: no pipelining) makes the ILP shard weights."""
+    graph, inputs = gpt_tiny
+    free = plan_parallel(graph, 4, "h100", batch=4, training=True, max_stages=1)
+    assert not _sharded_weights(free, graph)
+    budget = 0.6 * max(free.memory.values())
+    plan = plan_parallel(
+        graph, 4, "h100", batch=4, training=True, max_stages=1, memory_budget=budget
+    )
+    assert _sharded_weights(plan, graph) and plan.mesh.shape[-1] > 1
+    assert max(plan.memory.values()) <= budget and plan.search["memory_budget"] == budget
+    got = simulate_plan(graph, plan, inputs)
+    torch.testing.assert_close(got[0], run_graph(graph, inputs)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_impossible_memory_budget_names_minimum(gpt_tiny, capsys):
+    graph, _ = gpt_tiny
+    with pytest.raises(NoFeasiblePlanError) as err:
+        plan_parallel(graph, 4, "h100", batch=4, training=True, memory_budget=10_000)
+    e = err.value
+    assert e.memory_budget == 10_000 and e.min_memory_bytes > 10_000
+    assert "given memory budget" in str(e) and "smallest per-device memory" in str(e)
+    plan = plan_parallel(
+        graph, 4, "h100", batch=4, training=True, memory_budget=e.min_memory_bytes * 1.01
+    )
+    assert max(plan.memory.values()) <= e.min_memory_bytes * 1.01
+    argv = ["plan", "--model", "gpt-tiny", "--mesh", "4", "--batch", "4", "--seq", "8"]
+    assert main([*argv, "--train", "--memory-gib", "1e-6"]) == 2
+    assert "given memory budget" in capsys.readouterr().err
+
+
 def test_plan_json_round_trip(gpt_tiny):
     graph, _ = gpt_tiny
     plan = plan_parallel(graph, 8, "h100", batch=4, training=True)

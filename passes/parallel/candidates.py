@@ -103,8 +103,12 @@ class PlannerState:
         repeats: int | None = None,
         dtype: str | None = None,
         pins: Mapping[str, tuple[str, ...]] | None = None,
+        memory_budget: float | None = None,
     ):
         self.graph, self.spec, self.batch, self.training = graph, spec, batch, training
+        if memory_budget is not None and not memory_budget > 0:
+            raise PlanningError(f"memory budget must be positive, got {memory_budget}")
+        self.memory_budget = memory_budget
         self.ctx = GraphContext.build(graph, repeats)
         self.dtype = dtype or compute_dtype(graph, spec)
         self.pins = dict(pins or {})
@@ -149,6 +153,9 @@ class PlannerState:
         return r
 
     def budget(self) -> float:
+        """Bytes per device a plan may use: the override, else the usable device memory."""
         from .staging import USABLE_MEMORY
 
+        if self.memory_budget is not None:
+            return float(self.memory_budget)
         return self.spec.memory_bytes * USABLE_MEMORY

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ...ir.errors import MeshweaveError
+
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
@@ -53,7 +55,7 @@ class Edge:
     weight: float | None = None
 
 
-class NoFeasiblePlanError(Exception):
+class NoFeasiblePlanError(MeshweaveError):
     """No strategy assignment satisfies the memory budget (or has finite cost)."""
 
     def __init__(

@@ -46,7 +46,36 @@ _TP_FORBIDDEN = {"batch", "seq"}  # Megatron's tensor-parallel axis never splits
 
 
 def megatron_assignment(ctx: GraphContext, model: MeshModel) -> dict[Key, Any]:
-    """Strategy per reduced node and placement per graph input of the Megatron layout."""
+    """Strategy per reduced node and placement per graph input of the Megatron layout.
+
+    The greedy pass sees a representative layer's inputs as the first layer gets them (from
+    `pre`); every later layer gets them from the previous layer's output (the loop edges). When
+    the pass leaves a loop edge needing a partial sum the layer's output is not (nothing turns
+    a value into a partial sum), it is rerun knowing that placement too.
+    """
+    loop_have: dict[tuple[Node, int], tuple] = {}
+    for _ in range(4):
+        assign, cur = _greedy_assignment(ctx, model, loop_have)
+        changed = False
+        for v, n, i in ctx.layers.loop_edges:
+            have, need = cur.get(v), assign[n].ins[i] if n in assign else None
+            if have is None or need is None or loop_have.get((n, i)) == have:
+                continue
+            if _needs_partial(need, have):
+                loop_have[(n, i)] = have
+                changed = True
+        if not changed:
+            break
+    return assign
+
+
+def _needs_partial(need: tuple, have: tuple) -> bool:
+    return any(isinstance(q, Partial) and not isinstance(h, Partial) for q, h in zip(need, have))
+
+
+def _greedy_assignment(
+    ctx: GraphContext, model: MeshModel, loop_have: dict[tuple[Node, int], tuple]
+) -> tuple[dict[Key, Any], dict[Value, tuple]]:
     nd = model.mesh.ndim
     tp_axes = [nd - 1] if nd > 1 else []
     dp_axes = [a for a in range(nd) if a not in tp_axes]
@@ -55,7 +84,8 @@ def megatron_assignment(ctx: GraphContext, model: MeshModel) -> dict[Key, Any]:
     for n in ctx.nodes:
         strats = model.strategies(n)
         best = min(
-            range(len(strats)), key=lambda j: _score(ctx, n, strats[j], cur, dp_axes, tp_axes)
+            range(len(strats)),
+            key=lambda j: _score(ctx, n, strats[j], cur, dp_axes, tp_axes, loop_have),
         )
         s = strats[best]
         assign[n] = s
@@ -67,11 +97,17 @@ def megatron_assignment(ctx: GraphContext, model: MeshModel) -> dict[Key, Any]:
                 cur[v] = tuple(Replicate() if isinstance(p, Partial) else p for p in pl)
     for v in ctx.input_segments():
         assign[v] = cur.get(v, tuple(Replicate() for _ in range(nd)))
-    return assign
+    return assign, cur
 
 
 def _score(
-    ctx: GraphContext, n: Node, s, cur: dict[Value, tuple], dp_axes: list[int], tp_axes: list[int]
+    ctx: GraphContext,
+    n: Node,
+    s,
+    cur: dict[Value, tuple],
+    dp_axes: list[int],
+    tp_axes: list[int],
+    loop_have: dict[tuple[Node, int], tuple],
 ) -> tuple:
     bad = 0
     for o, pl in zip(n.outputs, s.outs):
@@ -87,16 +123,16 @@ def _score(
             bad += d is not None and pl[a] == Shard(d)
     bad += sum(s.tags[a] in _TP_FORBIDDEN for a in tp_axes)
     transitions = 0
-    for v, pl in zip(node_inputs(n), s.ins):
+    for i, (v, pl) in enumerate(zip(node_inputs(n), s.ins)):
         if pl is None:
             continue
         if v.producer is None and v.kind == "param":
             bad += sum(not isinstance(pl[a], Replicate) for a in dp_axes)
-        have = cur.get(ctx.rep_value(v))
-        if have is not None and have != pl:
-            transitions += 1
-            if any(isinstance(q, Partial) and not isinstance(h, Partial) for q, h in zip(pl, have)):
-                bad += 100  # nothing turns a value into a partial sum
+        for have in (cur.get(ctx.rep_value(v)), loop_have.get((n, i))):
+            if have is not None and have != pl:
+                transitions += 1
+                if _needs_partial(pl, have):
+                    bad += 100  # nothing turns a value into a partial sum
     prio = sum(_TP_PRIORITY.get(s.tags[a], 5) for a in tp_axes)
     return (bad, transitions, prio)
 

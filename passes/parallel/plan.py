@@ -121,7 +121,8 @@ class Plan:
                                                             "bubble")}))
         if self.memory:
             peak = max(self.memory.values())
-            lines.append(f"  peak memory per device {peak / 2**30:.2f} GiB")
+            size = f"{peak / 2**30:.2f} GiB" if peak >= 2**27 else f"{peak / 2**20:.2f} MiB"
+            lines.append(f"  peak memory per device {size}")
         lines.append(f"  collectives: {len(self.collectives)} inserted, of kinds "
                      + ", ".join(sorted({c.kind for c in self.collectives})))
         return "\n".join(lines)

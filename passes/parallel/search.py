@@ -78,6 +78,7 @@ def plan_parallel(
     dtype: str | None = None,
     top_k: int = 6,
     time_budget: float = 20.0,
+    memory_budget: float | None = None,
 ) -> Plan:
     """Find a parallel plan for `graph` on a mesh (or a device count) of `spec` devices.
 
@@ -86,8 +87,10 @@ def plan_parallel(
     the stage mesh is (dp, tp)). `repeats`: the real number of layers of the repeated block
     when `graph` was traced with fewer (default: graph.meta["repeated_layers"], else as
     traced). `time_budget`: seconds after which no new configuration gets an ILP solve
-    (the best found so far is returned). Raises NoFeasiblePlanError (with
-    `min_memory_bytes`) when nothing fits.
+    (the best found so far is returned). `memory_budget`: bytes per device a plan may use,
+    instead of the spec's usable memory (a budget below the replicated footprint makes the
+    search shard weights or pipeline even where communication makes that slower). Raises
+    NoFeasiblePlanError (with `min_memory_bytes`) when nothing fits.
     """
     t0 = time.perf_counter()
     spec = get_spec(spec)
@@ -95,7 +98,14 @@ def plan_parallel(
         raise PlanningError(f"batch must be >= 1, got {batch}")
     repeats = repeats if repeats is not None else graph.meta.get("repeated_layers")
     state = PlannerState(
-        graph, spec, batch=batch, training=training, repeats=repeats, dtype=dtype, pins=pins
+        graph,
+        spec,
+        batch=batch,
+        training=training,
+        repeats=repeats,
+        dtype=dtype,
+        pins=pins,
+        memory_budget=memory_budget,
     )
     _check_pins(state, mesh_or_device_count)
     grid = megatron_grid(state, mesh_or_device_count, max_stages)
@@ -121,6 +131,8 @@ def plan_parallel(
         "repeats": state.ctx.layers.repeats,
         "clustered": state.ctx.layers.cluster is not None,
     }
+    if memory_budget is not None:
+        info["memory_budget"] = float(memory_budget)
     return build_plan(state, best.config, best.assign, best.evaluation, info)
 
 
@@ -139,7 +151,8 @@ def _check_pins(state: PlannerState, mesh_or_count: DeviceMesh | int) -> None:
 
 
 def _shortlist(entries: list[GridEntry], top_k: int) -> list[Config]:
-    """Configurations for the ILP: the fastest that fit, then the fastest that do not."""
+    """Configurations for the ILP: the fastest that fit, then the fastest that do not (the
+    Megatron layout may cost infinity where the ILP's does not: those come last)."""
     by_cfg: dict[Config, GridEntry] = {}
     for e in entries:
         old = by_cfg.get(e.config)
@@ -149,7 +162,11 @@ def _shortlist(entries: list[GridEntry], top_k: int) -> list[Config]:
     ranked = sorted(by_cfg.values(), key=lambda e: e.step_time)
     fits = [e.config for e in ranked if e.evaluation.fits][:top_k]
     best_fit = min((e.step_time for e in ranked if e.evaluation.fits), default=math.inf)
-    over = [e.config for e in ranked if not e.evaluation.fits and e.step_time < best_fit]
+    over = [
+        e.config
+        for e in ranked
+        if not e.evaluation.fits and (e.step_time < best_fit or not math.isfinite(e.step_time))
+    ]
     return fits + over[: max(1, top_k // 2)]
 
 
@@ -358,15 +375,27 @@ def _raise_no_fit(state: PlannerState, entries: list[GridEntry]) -> None:
         if mem < need:
             need, where = mem, cfg
     budget = state.budget()
+    if state.memory_budget is not None:
+        where_budget = "the given memory budget"
+    else:
+        where_budget = (
+            f"{state.spec.name}, {state.spec.memory_bytes / 2**30:.1f} GiB with "
+            f"{1 - budget / state.spec.memory_bytes:.0%} reserved"
+        )
     raise NoFeasiblePlanError(
-        f"no parallel plan fits in {budget / 2**30:.2f} GiB per device "
-        f"({state.spec.name}, {state.spec.memory_bytes / 2**30:.1f} GiB with "
-        f"{1 - budget / state.spec.memory_bytes:.0%} reserved); the smallest per-device memory "
-        f"any plan needs is {need / 2**30:.2f} GiB ({need:.4g} bytes, "
+        f"no parallel plan fits in {_size(budget)} per device ({where_budget}); the smallest "
+        f"per-device memory any plan needs is {_size(need)} ({need:.4g} bytes, "
         f"{where.label() if where else 'n/a'}, recomputation on)",
         min_memory_bytes=need,
         memory_budget=budget,
     )
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= 0.1 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} bytes"
 
 
 def _min_memory(state: PlannerState, cfg: Config) -> float:

@@ -10,13 +10,14 @@ Rules live in the `SHARDING_RULES` RuleTable keyed by op name, next to the ops' 
 
   pointwise        follow the (broadcast) inputs; add/sub (and aliases) also carry Partial
   linear/mm/addmm  batch dims, Megatron column (weight S(0)) and row (weight S(1) -> Partial)
+  bmm              batch (or expert: stacked weights S(0)), column, row (-> Partial)
   sdpa             batch and heads; query-sequence sharding when not causal
   embedding        batch, vocab-parallel (weight S(0) -> Partial), hidden (weight S(1))
   views            track dimensions through split/merge groups (only a group's major dim);
                    these and the other data-movement/creation rules: sharding_shape_rules.py
   reductions/norms/softmax  shard any dim they do not reduce; sum/mean over it -> Partial
 Ops without a rule run replicated. Tags name strategies ("col", "row", "vocab", "heads",
-"batch", "follow") for the Megatron heuristic and for dumps.
+"batch", "expert", "follow") for the Megatron heuristic and for dumps.
 """
 
 from __future__ import annotations
@@ -220,9 +221,13 @@ def addmm_rule(op: OpView) -> list[AxisStrategy]:
 
 @SHARDING_RULES.register("aten.bmm.default")
 def bmm_rule(op: OpView) -> list[AxisStrategy]:
+    """Batch dim (tagged "expert" when an operand is a stacked weight [E, ., .]: expert
+    parallelism, each device runs its experts), rows of `a`, columns of `b`, or the contracted
+    dim (-> Partial)."""
     a, b = op.node.args[0], op.node.args[1]
+    stacked = any(v.producer is None and v.kind != "user" for v in (a, b))
     return [
-        op.make({a: Shard(0), b: Shard(0)}, Shard(0), "batch"),
+        op.make({a: Shard(0), b: Shard(0)}, Shard(0), "expert" if stacked else "batch"),
         op.make({a: Shard(1)}, Shard(1), "batch"),
         op.make({b: Shard(2)}, Shard(2), "col"),
         op.make({a: Shard(2), b: Shard(1)}, P, "row"),
