@@ -21,8 +21,8 @@ tvalues, kernels_pointwise, kernels_reduction, matmul_template, flash_attention,
 runtime, cache, triton_mode. (onnx_* and mlir_dump in this package are other backends.)
 
 Without CUDA the kernels run under Triton's interpreter, which must be on before triton is
-first imported; torch.export imports it, so meshweave.compile should call
-prepare_triton_backend(options, model) before tracing (else set TRITON_INTERPRET=1).
+first imported; torch.export imports it, so meshweave.compile calls
+prepare_triton_backend(options, model) before tracing.
 """
 
 from __future__ import annotations
