@@ -4,6 +4,11 @@ MESHWEAVE_DUMP_DIR     write the IR after every pass (and generated kernels) und
                        as if CompileOptions(dump_dir=...) were given.
 MESHWEAVE_CACHE_DIR    cache root (default: ~/.cache/meshweave); generated kernels live
                        under <cache root>/kernels.
+MESHWEAVE_CHECKPOINT_DIR  where `meshweave run` writes the weight checkpoint that ranks load
+                       their shards from (default: a temp dir; must be shared across nodes).
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+                       set by torchrun; runtime/distributed/launch.py reads them to run as one
+                       rank of an externally launched job (and sets them for its own ranks).
 TRITON_INTERPRET       read by Triton itself; set to 1 before triton is imported to run
                        generated kernels on CPU (meshweave sets it when backend="triton" runs
                        on a machine without CUDA and triton is not yet imported).
@@ -21,3 +26,7 @@ def dump_dir() -> str | None:
 def cache_dir() -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "meshweave")
     return os.environ.get("MESHWEAVE_CACHE_DIR") or default
+
+
+def checkpoint_dir() -> str | None:
+    return os.environ.get("MESHWEAVE_CHECKPOINT_DIR") or None

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from meshweave import env
+
 from ...ir.graph import Graph
 from ...ir.mesh import DeviceMesh
 from .checkpoint import CHECKPOINT_NAME, load_program_weights, rank_job
@@ -339,7 +341,7 @@ def run_torchrun_rank(rank: int, world_size: int, spec: RunSpec, prepare_fn=None
             try:
                 job = (prepare_fn or prepare)(spec)
                 tmp = tempfile.mkdtemp(
-                    prefix="meshweave-weights-", dir=os.environ.get("MESHWEAVE_CHECKPOINT_DIR")
+                    prefix="meshweave-weights-", dir=env.checkpoint_dir()
                 )
                 box = [rank_job(job, os.path.join(tmp, CHECKPOINT_NAME))]
             except BaseException as e:
