@@ -221,3 +221,17 @@ def test_non_finite_estimates_stay_valid_json():
 
     data = json.loads(payload, parse_constant=reject)
     assert data["step_time"]["total"] == pytest.approx(1e-6)
+
+
+def test_searched_plan_timeline_uses_the_plans_stage_times():
+    import meshweave
+    from meshweave.models import build_model
+    from meshweave.passes.parallel.search import plan_parallel
+    from meshweave.report import report_data
+
+    model, inputs = build_model("gpt-tiny", batch=4, seq=16)
+    graph = meshweave.compile(model, inputs).graph
+    plan = plan_parallel(graph, 4, "h100", batch=4, training=True)
+    data = report_data(plan, graph)
+    assert data["stage_times_source"] == "the plan's stage times"
+    assert data["stage_times"] == plan.search["stage_times"]

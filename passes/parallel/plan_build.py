@@ -123,6 +123,7 @@ def build_plan(
         "traced_layers": traced,
         "reduced_trace": ctx.layers.num_layers != traced,
         "pipeline_layers": [list(s.layers) for s in ev.stages],
+        "stage_times": [s.time for s in ev.stages],  # per micro-batch, for the report's timeline
         **info,
     }
     plan = Plan(
