@@ -33,6 +33,7 @@ from .indexing import (
 from .lowering import LOWERINGS
 from .tvalues import TL_STORAGE, CodegenError, TVar, cast, compute_ctype, literal_value
 
+_TMP = re.compile(r"\btmp\d+\b")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -74,10 +75,13 @@ class Domain:
             n = n * to_expr(self.shape[d])
         return n
 
-    def unravel(self) -> list[str]:
-        """Source lines that compute each dimension's index variable from its axis position."""
+    def unravel(self, only=None) -> list[str]:
+        """Source lines that compute each dimension's index variable from its axis position
+        (of the axes named in `only`, default all)."""
         lines = []
         for ax in self.axes:
+            if only is not None and ax.name not in only:
+                continue
             live = [(d, self.index[d]) for d in ax.dims if isinstance(self.index[d], sympy.Symbol)]
             stride: sympy.Expr = sympy.Integer(1)
             for n, (d, sym) in enumerate(reversed(live)):
@@ -117,16 +121,23 @@ class KernelContext:
         self.indirect_axes: dict[sympy.Symbol, frozenset] = {}
         self.symbols: set[sympy.Symbol] = set()
         self._tmp = itertools.count()
+        # Looped (multi-pass) reductions: tile values along `loop_axis` are emitted into
+        # `loop_body` and flushed as a `for` loop over RBLOCK chunks by each reduce(); values
+        # without that axis stay straight-line in `lines`. None: persistent (one tile).
+        self.loop_axis: str | None = None
+        self.loop_body: list[str] = []
+        self._acc = itertools.count()
+        self.stale: dict[str, tuple[str, str, frozenset]] = {}  # out-of-scope tile tmp -> def
 
     # --- expressions -----------------------------------------------------------------------------
     def emit(self, text: str, ctype: str, axes=frozenset()) -> TVar:
-        text = str(text)
+        text = self._fresh(str(text))
         if text in self.cse:
             return self.cse[text]
         if _IDENT.match(text) or literal_value(text) is not None:
             return TVar(text, ctype, axes)
         name = f"tmp{next(self._tmp)}"
-        self.lines.append(f"{name} = {text}")
+        self._target(axes).append(f"{name} = {text}")
         var = TVar(name, ctype, axes)
         self.cse[text] = var
         return var
@@ -271,7 +282,97 @@ class KernelContext:
         axes = axes | extra
         val = cast(var, TL_STORAGE[v.tensor_type.dtype])
         mask = self.mask_text(axes)
-        self.lines.append(f"tl.store({ptr} + ({offset}), {val}" + (f", {mask})" if mask else ")"))
+        self._target(axes).append(
+            self._fresh(f"tl.store({ptr} + ({offset}), {val}" + (f", {mask})" if mask else ")"))
+        )
+
+    # --- looped reductions -----------------------------------------------------------------------
+    def _target(self, axes) -> list[str]:
+        if self.loop_axis is not None and self.loop_axis in axes:
+            return self.loop_body
+        return self.lines
+
+    def flush_loop(self, carried: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Emit the pending loop body as one pass over the loop axis in RBLOCK chunks.
+        `carried`: (accumulator name, its initializer, its update line) per loop-carried
+        accumulator. Tile values of the pass go out of scope: they are forgotten."""
+        if self.loop_axis is None or (not self.loop_body and not carried):
+            return
+        ax = self.domain.axis(self.loop_axis)
+        for name, init, _ in carried:
+            self.lines.append(f"{name} = {init}")
+        self.lines.append(f"for roffset in range(0, rnumel, {ax.block}):")
+        head = [
+            f"{ax.var} = roffset + tl.arange(0, {ax.block})[None, :]",
+            f"{ax.mask} = {ax.var} < rnumel",
+            *self.domain.unravel(only=(self.loop_axis,)),
+        ]
+        body = head + self.loop_body + [u for _, _, update in carried for u in update.split("\n")]
+        self.lines.extend("    " + line for line in body)
+        self.loop_body = []
+        tile = self.loop_axis
+        for text, v in self.cse.items():
+            if tile in v.axes:
+                self.stale[str(v)] = (text, v.ctype, frozenset(v.axes))
+        self.cse = {k: v for k, v in self.cse.items() if tile not in v.axes}
+        self.memo = {
+            k: v for k, v in self.memo.items() if not (isinstance(v, TVar) and tile in v.axes)
+        }
+
+    def _fresh(self, text: str) -> str:
+        """Re-emit, in the current pass, the tile values of earlier passes that `text` names
+        (they went out of scope with their loop): a tile value is recomputed per pass."""
+        if not self.stale:
+            return text
+        return _TMP.sub(
+            lambda m: (
+                str(self.emit(*self.stale[m.group(0)])) if m.group(0) in self.stale else m.group(0)
+            ),
+            text,
+        )
+
+    def _tile_zeros(self, value: str, ctype: str) -> str:
+        return f"tl.full({self.domain.tile_shape({a.name for a in self.domain.axes})}, {value}, {ctype})"
+
+    def looped_reduce(self, var: TVar, kind: str, neutral: str, masked: str, ct: str) -> TVar:
+        acc = f"acc{next(self._acc)}"
+        combine = {
+            "sum": f"{acc} + {masked}",
+            "max": f"tl.maximum({acc}, {masked})",
+            "min": f"tl.minimum({acc}, {masked})",
+        }[kind]
+        self.flush_loop([(acc, self._tile_zeros(neutral, ct), self._fresh(f"{acc} = {combine}"))])
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[kind]
+        axes = {a.name for a in self.domain.axes if a.name != self.loop_axis and a.block}
+        return self.emit(f"{fn}({acc}, 1, keep_dims=True)", ct, axes)
+
+    def softmax_stats(self, x: TVar) -> tuple[TVar, TVar]:
+        """Looped softmax statistics in one online pass: the row max and sum(exp(x - max)),
+        the running sum rescaled whenever the running max grows (-inf rows stay finite)."""
+        ct = x.ctype
+        ax = self.domain.axis(self.loop_axis)
+        k = next(self._acc)
+        m_acc, s_acc, m_new, m_safe = f"macc{k}", f"sacc{k}", f"mnew{k}", f"msafe{k}"
+        xv = self._fresh(f'tl.where({ax.mask}, {x}, float("-inf"))')
+        update_m = f"{m_new} = tl.maximum({m_acc}, {xv})"
+        update_s = "\n".join(
+            [
+                f'{m_safe} = tl.where({m_new} == float("-inf"), 0.0, {m_new})',
+                f"{s_acc} = {s_acc} * tl.exp({m_acc} - {m_safe}) + tl.exp({xv} - {m_safe})",
+                f"{m_acc} = {m_new}",
+            ]
+        )
+        self.flush_loop(
+            [
+                (m_acc, self._tile_zeros('float("-inf")', ct), update_m),
+                (s_acc, self._tile_zeros("0.0", ct), update_s),
+            ]
+        )
+        axes = {a.name for a in self.domain.axes if a.name != self.loop_axis and a.block}
+        m = self.emit(f"tl.max({m_acc}, 1, keep_dims=True)", ct, axes)
+        safe = self.emit(f'tl.where({m} == float("-inf"), 0.0, {m})', ct, axes)
+        s = self.emit(f"tl.sum({s_acc} * tl.exp({m_acc} - {safe}), 1, keep_dims=True)", ct, axes)
+        return m, s
 
     # --- reductions ------------------------------------------------------------------------------
     def reduce(self, var, kind: str, axis_name: str = "r") -> TVar:
@@ -289,6 +390,8 @@ class KernelContext:
         }[kind]
         fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[kind]
         masked = f"tl.where({ax.mask}, {var}, {neutral})" if ax.mask else str(var)
+        if self.loop_axis == axis_name:
+            return self.looped_reduce(var, kind, neutral, masked, ct)
         axes = (set(var.axes) - {axis_name}) | {
             a.name for a in self.domain.axes if a.name != axis_name and a.block
         }

@@ -7,6 +7,12 @@ rows in registers (RBLOCK = next power of two of the row length), so multi-pass 
 (mean, then variance, then normalize) read their input once. Producers (a residual add) are
 computed in the same tile and consumers (the LN affine, RMSNorm's weight) use the per-row
 results by broadcasting; every value needed later is stored from the same kernel.
+
+Rows longer than MAX_PERSISTENT_RNUMEL (by the shape hints) get a *looped* kernel instead: the
+same body, but every reduce() becomes one pass over the row in RBLOCK chunks (a `for` loop with
+a tile accumulator), the tile values a later pass needs are recomputed there (reloaded), and
+full-tile consumers and stores run in a last pass. Softmax/log_softmax take their max and
+sum(exp) in one online pass (the running sum is rescaled when the running max grows).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from .kernels_pointwise import KernelSource, io_params, sorted_symbols
 from .tvalues import CodegenError, TVar, cast, compute_ctype, lit
 
 REDUCTIONS = RuleTable("triton_reduction")
-# Rows longer than this do not fit a persistent tile; such reductions run via the reference
-# executor (listed with this reason) rather than risk register spills or shared-memory limits.
+# Rows longer than this do not fit a persistent tile (register spills, shared-memory limits);
+# such reductions are emitted *looped*: passes over the row in RBLOCK chunks (see emit_reduction).
 MAX_PERSISTENT_RNUMEL = 16384
 
 
@@ -41,12 +47,15 @@ class ReductionRule:
         n = n.subs(hints) if isinstance(n, sympy.Basic) else n
         if not sympy.sympify(n).is_number:
             return "reduction length has no hint"
-        if int(n) > MAX_PERSISTENT_RNUMEL:
-            return (
-                f"reduction over {int(n)} elements exceeds the persistent-reduction limit "
-                f"({MAX_PERSISTENT_RNUMEL})"
-            )
         return None
+
+
+def is_looped(shape, red_dims, hints) -> bool:
+    """Rows longer than MAX_PERSISTENT_RNUMEL (by the shape hints) get a looped kernel."""
+    n = numel([shape[d] for d in red_dims])
+    n = n.subs(hints) if isinstance(n, sympy.Basic) else n
+    n = sympy.sympify(n)
+    return bool(n.is_number and int(n) > MAX_PERSISTENT_RNUMEL)
 
 
 def _norm_dims(node: Node, dims, rank: int) -> tuple[int, ...]:
@@ -132,6 +141,12 @@ def _var(ctx, node, x):
 
 def _softmax_parts(ctx, x):
     x = cast(x, "tl.float32") if x.ctype != "tl.float64" else x
+    if ctx.loop_axis is not None:  # rows longer than a tile: one online max + sum pass
+        m, s = ctx.softmax_stats(x)
+        shifted = ctx.emit(
+            f'{x} - tl.where({m} == float("-inf"), 0.0, {m})', x.ctype, x.axes | m.axes
+        )
+        return shifted, ctx.emit(f"tl.exp({shifted})", x.ctype, shifted.axes), s
     m = ctx.reduce(x, "max")
     # A row that is entirely -inf would give exp(nan); eager softmax returns nan there too,
     # but shifting by 0 keeps the masked tail of a partial tile finite.
@@ -233,9 +248,13 @@ def emit_reduction(shape, red_dims, members, outputs: list[Value], layouts, hint
 
     anchors = {n: lower for n in members if n.op in REDUCTIONS}
     ctx = KernelContext(domain, set(members), layouts, anchors)
+    looped = is_looped(shape, red_dims, hints)
+    if looped:
+        ctx.loop_axis = "r"
     for v in outputs:
         idx = row_index(domain, red_dims, v)
         ctx.store(v, idx, ctx.value(v, idx))
+    ctx.flush_loop()  # the last pass: full-tile consumers and their stores
     syms = sorted_symbols(ctx)
     params = (
         io_params(ctx)
@@ -247,10 +266,24 @@ def emit_reduction(shape, red_dims, members, outputs: list[Value], layouts, hint
         "xoffset = tl.program_id(0) * XBLOCK",
         "xindex = xoffset + tl.arange(0, XBLOCK)[:, None]",
         "xmask = xindex < xnumel",
-        "rindex = tl.arange(0, RBLOCK)[None, :]",
-        "rmask = rindex < rnumel",
-        *domain.unravel(),
-        *ctx.lines,
     ]
+    if looped:
+        body += [*domain.unravel(only=("x",)), *ctx.lines]
+    else:
+        body += [
+            "rindex = tl.arange(0, RBLOCK)[None, :]",
+            "rmask = rindex < rnumel",
+            *domain.unravel(),
+            *ctx.lines,
+        ]
     sizes = {"xnumel": sympy.expand(domain.numel("x")), "rnumel": sympy.expand(domain.numel("r"))}
-    return KernelSource("reduction", params, body, list(ctx.inputs), list(ctx.outputs), syms, sizes)
+    return KernelSource(
+        "reduction",
+        params,
+        body,
+        list(ctx.inputs),
+        list(ctx.outputs),
+        syms,
+        sizes,
+        extra={"looped": looped},
+    )

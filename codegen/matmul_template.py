@@ -21,9 +21,9 @@ from ..ir.graph import Node, Value
 from ..ir.registry import RuleTable
 from ..ir.types import Dim
 from .emitter import Axis, Domain, KernelContext
-from .indexing import broadcast_index, numel, to_expr
+from .indexing import broadcast_index, numel, reshape_index, shapes_equal, to_expr
 from .kernels_pointwise import KernelSource, io_params, sorted_symbols
-from .tvalues import TVar, lit
+from .tvalues import CodegenError, TVar, lit
 
 MATMULS = RuleTable("triton_matmul")
 MATMUL_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
@@ -138,36 +138,75 @@ def is_bare(members: list[Node], anchor: Node, outputs: list[Value]) -> bool:
     return members == [anchor] and ops.bias is None and ops.alpha == 1.0
 
 
-def emit_matmul(
-    anchor: Node, members: list[Node], outputs: list[Value], layouts, hints
-) -> tuple[KernelSource, KernelSource]:
-    ops: MatmulOperands = MATMULS.get(anchor.op).operands(anchor)
-    out = anchor.outputs[0]
-    shape = out.tensor_type.shape
-    rank = len(shape)
+def epilogue_axes(ops: MatmulOperands, rank: int) -> list[Axis]:
+    """The epilogue's tile axes over a domain of `rank` dims: m walks all but the last."""
     if ops.batched:
-        axes = [
+        return [
             Axis("b", (0,), "pid_b", None, None),
             Axis("m", (1,), "xm", "mmask", "BLOCK_M"),
             Axis("n", (2,), "xn", "nmask", "BLOCK_N"),
         ]
+    return [
+        Axis("m", tuple(range(rank - 1)), "xm", "mmask", "BLOCK_M"),
+        Axis("n", (rank - 1,), "xn", "nmask", "BLOCK_N"),
+    ]
+
+
+def epilogue_domain(anchor: Node, shape, hints) -> Domain | None:
+    """The epilogue iteration space over `shape`, or None when `shape` cannot be one.
+
+    The epilogue walks the matmul's (m, n) tile. Its domain may be the matmul output's shape or
+    any row-major reshape of it that keeps N as the last dim (e.g. [b*s, n] -> [b, s, n] of a
+    Conv1D / addmm before its view): the flat (m, n) index is the same, only the names of the
+    dims differ, so the m axis just unravels into more dims. Batched matmuls keep their shape.
+    """
+    ops: MatmulOperands = MATMULS.get(anchor.op).operands(anchor)
+    out_shape = anchor.outputs[0].tensor_type.shape
+    shape = tuple(shape)
+    if ops.batched or len(out_shape) == 0 or len(shape) == 0:
+        ok = shapes_equal(shape, out_shape)
     else:
-        axes = [
-            Axis("m", tuple(range(rank - 1)), "xm", "mmask", "BLOCK_M"),
-            Axis("n", (rank - 1,), "xn", "nmask", "BLOCK_N"),
-        ]
-    domain = Domain(shape, axes, hints)
+        ok = shapes_equal(shape[-1:], out_shape[-1:]) and (
+            sympy.expand(numel(shape[:-1]) - numel(out_shape[:-1])) == 0
+        )
+    if not ok:
+        return None
+    return Domain(shape, epilogue_axes(ops, len(shape)), hints)
+
+
+def domain_index(domain: Domain, v: Value) -> tuple:
+    """v's index at the epilogue's tile position (v has the domain's number of elements)."""
+    shape = v.tensor_type.shape
+    if shapes_equal(shape, domain.shape):
+        return domain.index
+    return reshape_index(shape, domain.shape, domain.index, domain.env)
+
+
+def emit_matmul(
+    anchor: Node, members: list[Node], outputs: list[Value], layouts, hints, shape=None
+) -> tuple[KernelSource, KernelSource]:
+    """`shape` is the epilogue's domain (the group's shape; default the matmul's output)."""
+    ops: MatmulOperands = MATMULS.get(anchor.op).operands(anchor)
+    out = anchor.outputs[0]
+    out_shape = out.tensor_type.shape
+    domain = epilogue_domain(anchor, out_shape if shape is None else shape, hints)
+    if domain is None:
+        raise CodegenError(f"epilogue shape {list(shape)} is not a reshape of {list(out_shape)}")
     ctx = KernelContext(domain, set(members), layouts)
     value = TVar("acc", "tl.float32", {"m", "n"})
     if ops.alpha != 1.0:
         value = ctx.emit(f"acc * {lit(ops.alpha)}", "tl.float32", value.axes)
+    out_index = domain_index(domain, out)
     if ops.bias is not None:
-        bias = ctx.value(ops.bias, broadcast_index(domain.index, shape, ops.bias.tensor_type.shape))
+        bias = ctx.value(
+            ops.bias, broadcast_index(out_index, out_shape, ops.bias.tensor_type.shape)
+        )
         scaled = bias if ops.beta == 1.0 else f"{bias} * {lit(ops.beta)}"
         value = ctx.emit(f"{value} + {scaled}", "tl.float32", value.axes | bias.axes)
-    ctx.register(out, domain.index, value)
+    ctx.register(out, out_index, value)
     for v in outputs:
-        ctx.store(v, domain.index, ctx.value(v, domain.index))
+        index = domain_index(domain, v)
+        ctx.store(v, index, ctx.value(v, index))
     syms = sorted_symbols(ctx)
     epilogue = _TILE + domain.unravel() + ctx.lines
     sizes = {k: sympy.expand(to_expr(d)) for k, d in ops.sizes().items()}

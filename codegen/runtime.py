@@ -146,8 +146,12 @@ class KernelRuntime:
         block = min(1024, max(128, next_power_of_2(xnumel)))
         return block, 4 if block <= 512 else 8
 
-    def reduction_config(self, xnumel: int, rnumel: int) -> tuple[int, int, int]:
+    def reduction_config(
+        self, xnumel: int, rnumel: int, looped: bool = False
+    ) -> tuple[int, int, int]:
         rblock = next_power_of_2(max(rnumel, 1))
+        if looped:  # the kernel walks the row in RBLOCK chunks
+            rblock = min(rblock, 4096 if self.interpret else 1024)
         budget = (1 << 16) if self.interpret else 4096
         xblock = max(1, min(next_power_of_2(max(xnumel, 1)), budget // rblock, 64))
         if self.interpret:

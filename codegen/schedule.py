@@ -9,7 +9,9 @@ reference executor ("fallback", with the reason).
 Nodes are then placed greedily in program order:
   * a pointwise node joins the group of one of its direct producers when the shapes fit:
     a pointwise group of the same shape, a reduction group as a full-tile or per-row consumer,
-    or a matmul group as epilogue -- except that a pointwise node that (through more pointwise
+    or a matmul group as epilogue (also through a contiguous reshape of the matmul output, e.g.
+    addmm [b*s, n] -> view [b, s, n] -> gelu: the epilogue then iterates the viewed shape,
+    see _Scheduler.matmul_domain) -- except that a pointwise node that (through more pointwise
     nodes of its shape) feeds a reduction is kept out of matmul epilogues so the reduction can
     take it as a producer: that makes "residual add + LayerNorm" one kernel whether the matmul
     before it runs as the Triton template or as cuBLAS (chosen later, per shape);
@@ -25,16 +27,17 @@ from __future__ import annotations
 import dataclasses
 import heapq
 
+import sympy
 import torch
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.registry import lookup
 from ..ir.types import ScalarType, TensorType, dtype_short
 from .flash_attention import ATTENTION
-from .indexing import VIEW_INDEX, shapes_equal
+from .indexing import VIEW_INDEX, numel, shapes_equal, to_expr
 from .kernels_reduction import REDUCTIONS, value_class
 from .lowering import LOWERINGS
-from .matmul_template import MATMULS
+from .matmul_template import MATMULS, domain_index, epilogue_domain
 
 KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention")
 BASE_DTYPES = {
@@ -130,6 +133,7 @@ class _Scheduler:
         self.fuse = fuse
         self.users = graph.users()
         hints = graph.hints()
+        self.hints = hints
         self.kinds: dict[Node, str] = {}
         self.reasons: dict[Node, str] = {}
         for n in graph.nodes:
@@ -190,12 +194,80 @@ class _Scheduler:
 
     # --- placement -----------------------------------------------------------------------------
     def direct_groups(self, n: Node) -> list[Group]:
+        """Kernel groups n reads directly, and matmul groups it reads through views (a matmul
+        epilogue can follow a reshape of its output, see matmul_domain)."""
         gs = {
             self.group_of[v.producer].id
             for v in n.inputs
             if v.producer in self.group_of and self.group_of[v.producer].is_kernel
         }
+        for v in n.inputs:
+            if v.producer is not None and self.kinds.get(v.producer) == "view":
+                for r in self.roots(v):
+                    g = self.group_of.get(r)
+                    if g is not None and g.kind == "matmul":
+                        gs.add(g.id)
         return [self.groups[i] for i in sorted(gs, reverse=True)]
+
+    def matmul_domain(self, g: Group, n: Node) -> tuple | None:
+        """The epilogue shape with which pointwise n can join matmul group g, or None.
+
+        The rule: the epilogue iterates the (m, n) tile over a domain shape -- the matmul's
+        output shape or a row-major reshape of it keeping N last (matmul_template.
+        epilogue_domain). n joins if, over the group's current domain or over n's own shape,
+        every member of the domain's size (n included) reads the group's values at exactly
+        the index the group computes them: directly at the same shape, or through views whose
+        index maps compose to the identity on the flat index (a contiguous reshape such as
+        addmm [b*s, n] -> view [b, s, n] -> gelu). Transposes, slices and broadcasts through
+        views do not, so they stay out.
+        """
+        shape = n.outputs[0].tensor_type.shape
+        for cand in (g.shape, shape):
+            domain = epilogue_domain(g.anchor, cand, self.hints)
+            if domain is not None and self.epilogue_reads_exact(g, n, domain):
+                return tuple(cand)
+        return None
+
+    def epilogue_reads_exact(self, g: Group, n: Node, domain) -> bool:
+        members = set(g.nodes) | {n}
+        size = numel(domain.shape)
+        env = domain.env
+
+        def tiled(v: Value) -> bool:  # evaluated at the domain position, not recomputed
+            return sympy.expand(numel(v.tensor_type.shape) - size) == 0
+
+        for m in [*g.nodes, n]:
+            if m is g.anchor or not tiled(m.outputs[0]):
+                continue
+            idx = domain_index(domain, m.outputs[0])
+            for v in m.inputs:
+                if not isinstance(v.type, TensorType) or v.producer is None:
+                    continue
+                if not any(r in members for r in self.roots(v)):
+                    continue
+                if v.producer in members:
+                    if not shapes_equal(v.tensor_type.shape, m.outputs[0].tensor_type.shape):
+                        return False
+                    continue
+                if not shapes_equal(v.tensor_type.shape, m.outputs[0].tensor_type.shape):
+                    return False
+                cur, ix = v, idx
+                while cur.producer not in members:
+                    p = cur.producer
+                    if p is None or self.kinds.get(p) != "view":
+                        return False
+                    try:
+                        cur, ix = VIEW_INDEX.get(p.op)(p, p.outputs.index(cur), ix, env)
+                    except (ValueError, TypeError, KeyError):
+                        return False
+                if not tiled(cur):
+                    return False
+                want = domain_index(domain, cur)
+                if len(want) != len(ix) or any(
+                    sympy.expand(to_expr(a) - to_expr(b)) != 0 for a, b in zip(ix, want)
+                ):
+                    return False
+        return True
 
     def via_view_from(self, n: Node, g: Group) -> bool:
         """Does n read a value of group g through a view (not at g's own index)?"""
@@ -253,6 +325,14 @@ class _Scheduler:
                         to_reduction = self.feeds_reduction(n)
                     if to_reduction:
                         continue
+                if g.kind == "matmul":
+                    epilogue = self.matmul_domain(g, n)
+                    if epilogue is not None and self.can_join(g, n):
+                        g.shape = epilogue
+                        self.add(g, n)
+                        self.inline_producers(g, n)
+                        return
+                    continue
                 if self.fits(g, n) and self.can_join(g, n):
                     self.add(g, n)
                     self.inline_producers(g, n)

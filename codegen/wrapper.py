@@ -84,7 +84,9 @@ def _emit_kernels(graph: Graph, sched: Schedule, layouts) -> dict[int, tuple]:
                     emit_reduction(g.shape, g.red_dims, g.nodes, g.outputs, layouts, hints),
                 )
             elif g.kind == "matmul":
-                kernels[g.id] = emit_matmul(g.anchor, g.nodes, g.outputs, layouts, hints)
+                kernels[g.id] = emit_matmul(
+                    g.anchor, g.nodes, g.outputs, layouts, hints, shape=g.shape
+                )
         except (CodegenError, ValueError, KeyError, TypeError) as e:
             raise _GroupError(g, f"{type(e).__name__}: {e}") from e
     return kernels
@@ -330,7 +332,8 @@ class _Wrapper:
         self.allocate(g)
         x, r = self.size(ks.sizes["xnumel"]), self.size(ks.sizes["rnumel"])
         args = self.kernel_args(ks) + [x, r] + [s.name for s in ks.symbols]
-        self.emit(f"XBLOCK, RBLOCK, warps = rt.reduction_config({x}, {r})")
+        looped = ", looped=True" if ks.extra.get("looped") else ""
+        self.emit(f"XBLOCK, RBLOCK, warps = rt.reduction_config({x}, {r}{looped})")
         self.emit(
             f"{name}[(triton.cdiv({x}, XBLOCK),)]({', '.join(args)}, XBLOCK=XBLOCK, "
             f"RBLOCK=RBLOCK, num_warps=warps)"

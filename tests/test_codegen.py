@@ -212,6 +212,70 @@ def test_bmm_and_addmm_template():
         assert_close(got, ref, 1e-4, 1e-5, "test_bmm_and_addmm_template")
 
 
+class Conv1DGeluResidual(torch.nn.Module):
+    """HF GPT-2's Conv1D: addmm on the flattened rows, then a view back to [b, s, n]."""
+
+    def __init__(self, k=24, n=40):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(k, n) * 0.2)
+        self.b = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x, res):
+        b, s, k = x.shape
+        h = torch.addmm(self.b, x.view(-1, k), self.w).view(b, s, -1)
+        y = F.gelu(h) + res
+        # a transposed read of the matmul output is not the flat identity: it must not fuse
+        # into the epilogue (it still has to be right)
+        z = h.view(b * s, -1).t() * 2.0
+        return y, z
+
+
+@pytest.mark.parametrize("variant", ["triton", "torch"])
+def test_matmul_epilogue_through_view(variant):
+    test = f"test_matmul_epilogue_through_view[{variant}]"
+    torch.manual_seed(0)
+    model = Conv1DGeluResidual().to(DEVICE)
+    x = torch.randn(3, 5, 24, device=DEVICE)
+    res = torch.randn(3, 5, 40, device=DEVICE)
+    cm = meshweave.compile(model, (x, res), options=CompileOptions(backend="eager"))
+    attach_triton_backend(cm, CodegenConfig(matmul=variant))
+    mm = [k for k in cm.kernels if k.kind == "matmul"]
+    assert [k.ops for k in mm] == [["aten.addmm.default", "aten.gelu.default", "aten.add.Tensor"]]
+    assert len(cm.kernels) == 2, [k.ops for k in cm.kernels]  # + the transposed consumer
+    got = cm(x, res)
+    ref = run_graph(cm.graph, [x, res])
+    for g, r, e in zip(got, ref, model(x, res)):
+        assert_close(g, r, 1e-5, 1e-5, test)
+        assert_close(g, e, 1e-5, 1e-5, test)
+
+
+def test_hf_gpt2_epilogue_fuses_through_view():
+    """HF GPT-2 (Conv1D = addmm -> view): the tanh-GELU after c_fc fuses into its addmm."""
+    pytest.importorskip("transformers")
+    from meshweave.models import build_model
+
+    model, inputs = build_model("hf:gpt2", device=DEVICE, batch=2, seq=8)
+    cm = compile_triton(model, inputs)
+    kernels = cm.kernels
+    # 2 layers, before: 18 launch sites (the GELU of each layer was its own pointwise kernel)
+    assert len(kernels) == 16, [(k.name, k.ops) for k in kernels]
+    assert not [k for k in kernels if k.kind == "pointwise"], [k.name for k in kernels]
+    gelu = [k for k in kernels if k.kind == "matmul" and "aten.tanh.default" in k.ops]
+    assert len(gelu) == 2, [(k.name, k.ops) for k in kernels]
+    by_name = {n.outputs[0].name: n for n in cm.graph.nodes}
+    for k in gelu:
+        assert by_name[k.nodes[0]].op == "aten.addmm.default"
+        assert any(by_name[n].op == "aten.tanh.default" for n in k.nodes)
+    covered = [n for k in kernels for n in k.nodes]
+    assert len(covered) == len(set(covered))
+    import torch.utils._pytree as pytree
+
+    got = pytree.tree_leaves(cm(*inputs))
+    ref = run_graph(cm.graph, list(inputs))
+    for g, r in zip(got, ref):
+        assert_close(g, r, 2e-5, 2e-5, "test_hf_gpt2_epilogue_fuses_through_view")
+
+
 # --- fusion of reductions with producers and consumers ---------------------------------------
 class Norms(torch.nn.Module):
     def __init__(self):
@@ -259,6 +323,43 @@ class Pointwise(torch.nn.Module):
         )
         h = x.unsqueeze(0).expand(2, 5, 7).reshape(10, 7)[3:8] * 3 + torch.arange(7)
         return a, b, c, d, e, f, g, h, x.to(torch.float16).to(torch.float32), F.hardswish(x)
+
+
+class LongRows(torch.nn.Module):
+    def forward(self, x, y):
+        h = x * 2.0 + y
+        return (
+            torch.softmax(h, -1),
+            torch.log_softmax(x, -1),
+            h.sum(-1),
+            x.mean(-1, keepdim=True),
+            x.amax(-1),
+            F.layer_norm(x, (x.shape[-1],)),
+        )
+
+
+def test_looped_reductions_over_long_rows():
+    """Rows longer than a persistent tile (> MAX_PERSISTENT_RNUMEL) compile as looped
+    reductions (online max + sum for softmax) instead of falling back to the reference."""
+    from meshweave.codegen.kernels_reduction import MAX_PERSISTENT_RNUMEL
+
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 20000, device=DEVICE), torch.randn(3, 20000, device=DEVICE)
+    assert x.shape[-1] > MAX_PERSISTENT_RNUMEL
+    x[1, 5:] = float("-inf")  # a row that is almost all -inf (the online max starts at -inf)
+    x[2, 7:] = -1e4
+    cm = compile_triton(LongRows(), (x, y))
+    assert not cm.artifacts["kernels"].fallbacks, cm.artifacts["kernels"].fallbacks
+    assert all(k.kind == "reduction" for k in cm.kernels)
+    assert all("roffset" in k.source for k in cm.kernels), [k.source for k in cm.kernels]
+    got = cm(x, y)
+    ref = run_graph(cm.graph, [x, y])
+    test = "test_looped_reductions_over_long_rows"
+    for i in (0, 1, 5):  # softmax, log_softmax, layer_norm (full rows)
+        assert_close(got[i], ref[i], 1e-5, 1e-5, test)
+    assert_close(got[2], ref[2], 1e-3, 1e-5, test)  # sums of 20000 terms: order differs
+    assert_close(got[3], ref[3], 1e-5, 1e-5, test)
+    assert_close(got[4], ref[4], 0, 0, test)
 
 
 def test_pointwise_views_and_gathers():
