@@ -123,9 +123,6 @@ def _ensure_core_ops() -> None:
         from . import ops  # noqa: F401  (registers the core op set)
 
 
-def tensor_types(types: list[ValueType]) -> list[TensorType]:
-    return [t for t in types if isinstance(t, TensorType)]
-
 
 # Categories whose ops move no data of their own (views are index arithmetic; sym ops are host
 # scalars).

@@ -52,7 +52,3 @@ def parse_placement(text: str) -> Placement:
     if text.startswith("S(") and text.endswith(")"):
         return Shard(int(text[2:-1]))
     raise ValueError(f"unknown placement {text!r}: expected R, P or S(dim)")
-
-
-def placement_to_json(p: Placement) -> str:
-    return str(p)
