@@ -8,7 +8,9 @@ dynamic batch dimension.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,19 +87,18 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Llama(nn.Module):
-    """Llama LM: ``forward(input_ids [B, S] int64) -> logits [B, S, vocab]``."""
+class RotaryDecoder(nn.Module):
+    """The decoder skeleton shared by Llama and the MoE decoder: token embedding, blocks called
+    with the RoPE tables, final RMSNorm, LM head.
+    ``forward(input_ids [B, S] int64) -> logits [B, S, vocab]``."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg, block: Callable[[Any], nn.Module]) -> None:
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(lambda m: init_normal_(m, cfg.init_std))
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -109,7 +110,18 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def _llama_inputs(cfg: LlamaConfig, batch: int, seq: int, device: str | torch.device) -> tuple:
+class Llama(RotaryDecoder):
+    """Llama LM: RoPE, grouped-query attention, SwiGLU, RMSNorm, no biases."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__(cfg, LlamaBlock)
+        self.apply(lambda m: init_normal_(m, cfg.init_std))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+
+def decoder_inputs(cfg, batch: int, seq: int, device: str | torch.device) -> tuple:
+    """Token ids [batch, seq] for the rotary decoders (Llama, MoE)."""
     return token_inputs(cfg.vocab_size, batch, seq, device, cfg.max_seq_len)
 
 
@@ -117,7 +129,7 @@ register_model(
     "llama-tiny",
     LlamaConfig,
     Llama,
-    _llama_inputs,
+    decoder_inputs,
     "Llama for tests: 2 layers, hidden 64, 4 heads / 2 KV heads, ffn 176, vocab 128",
     family="llama",
 )
@@ -133,7 +145,7 @@ register_model(
         max_seq_len=8192,
     ),
     Llama,
-    _llama_inputs,
+    decoder_inputs,
     "Llama-3 8B: 32 layers, hidden 4096, 32 heads / 8 KV heads, ffn 14336, vocab 128256",
     family="llama",
 )
@@ -149,7 +161,7 @@ register_model(
         max_seq_len=8192,
     ),
     Llama,
-    _llama_inputs,
+    decoder_inputs,
     "Llama-3 70B: 80 layers, hidden 8192, 64 heads / 8 KV heads, ffn 28672, vocab 128256",
     family="llama",
 )

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, SwiGLU, init_normal_, rope_cos_sin, token_inputs
-from .llama import GQAttention
+from .layers import RMSNorm, SwiGLU, init_normal_
+from .llama import GQAttention, RotaryDecoder, decoder_inputs
 from .registry import register_model
 
 
@@ -146,40 +146,22 @@ class MoEBlock(nn.Module):
         return x + self.moe(self.moe_norm(x))
 
 
-class MoEDecoder(nn.Module):
-    """MoE LM: ``forward(input_ids [B, S] int64) -> logits [B, S, vocab]``."""
+class MoEDecoder(RotaryDecoder):
+    """MoE LM: Llama's skeleton with MoE feed-forward blocks."""
 
     def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        super().__init__(cfg, MoEBlock)
         for module in self.modules():
             init_normal_(module, cfg.init_std)
             if isinstance(module, StackedExperts):
                 module.reset_parameters(cfg.init_std)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        cos, sin = rope_cos_sin(
-            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype
-        )
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
-
-
-def _moe_inputs(cfg: MoEConfig, batch: int, seq: int, device: str | torch.device) -> tuple:
-    return token_inputs(cfg.vocab_size, batch, seq, device, cfg.max_seq_len)
 
 
 register_model(
     "moe-tiny",
     MoEConfig,
     MoEDecoder,
-    _moe_inputs,
+    decoder_inputs,
     "MoE decoder for tests: 2 layers, hidden 64, 4 SwiGLU experts top-2, shared PR-MoE expert",
     family="moe",
 )
