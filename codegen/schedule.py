@@ -224,7 +224,9 @@ class _Scheduler:
         shape = n.outputs[0].tensor_type.shape
         for cand in (g.shape, shape):
             domain = epilogue_domain(g.anchor, cand, self.hints)
-            if domain is not None and self.epilogue_reads_exact(g, n, domain):
+            if domain is None or sympy.expand(numel(shape) - numel(cand)) != 0:
+                continue  # n itself must be tiled: stored at the domain position it computes
+            if self.epilogue_reads_exact(g, n, domain):
                 return tuple(cand)
         return None
 

@@ -53,6 +53,12 @@ def _setup(p) -> None:
         help="pipeline schedule (default: 1f1b in training, gpipe otherwise)",
     )
     p.add_argument("--zero", action="store_true", help="ZeRO-1 over the dp axis")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: gloo ranks (default); cuda: NCCL, one GPU per rank",
+    )
     p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.1, adam 1e-3)")
     p.add_argument(
@@ -135,6 +141,7 @@ def _run(args) -> int:
         optim=OptimConfig(args.optim, lr=lr),
         lowering=args.lowering,
         timeout_s=args.timeout,
+        device=args.device,
     )
     if under_torchrun():
         return _run_torchrun(spec, args.check)
@@ -154,8 +161,9 @@ def _prepare(spec):
 
 
 def _run_local(spec, check: bool) -> int:
-    from meshweave.runtime.distributed.runner import run_distributed
+    from meshweave.runtime.distributed.runner import check_devices, run_distributed
 
+    check_devices(spec, spec.world_size)  # before tracing: fail in a second, not a minute
     job = _prepare(spec)
     print(_plan_line(job))
     t0 = time.perf_counter()
@@ -170,7 +178,11 @@ def _run_torchrun(spec, check: bool) -> int:
     from meshweave.runtime.distributed.runner import collect, run_torchrun_rank
 
     [(job, results)] = launch(
-        run_torchrun_rank, spec.world_size, (spec, _prepare), spec.timeout_s, backend="gloo"
+        run_torchrun_rank,
+        spec.world_size,
+        (spec, _prepare),
+        spec.timeout_s,
+        backend=spec.backend,
     )
     if job is None:  # not rank 0
         return 0

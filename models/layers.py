@@ -65,18 +65,20 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, S, D] by position using the half-split convention."""
+    """Rotate ``x`` by position using the half-split convention; ``cos``/``sin`` broadcast
+    against it ([S, D] for [B, H, S, D], [S, 1, D] for [B, S, H, D])."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Expand grouped K/V heads [B, KV, S, D] to [B, KV * n_rep, S, D] for GQA."""
+    """Expand grouped K/V heads [B, S, KV, D] to [B, S, KV * n_rep, D] for GQA (each head
+    repeated n_rep times in place, as Llama does)."""
     if n_rep == 1:
         return x
-    b, kv, s, d = x.shape
-    return x[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+    b, s, kv, d = x.shape
+    return x[:, :, :, None, :].expand(b, s, kv, n_rep, d).reshape(b, s, kv * n_rep, d)
 
 
 def token_inputs(

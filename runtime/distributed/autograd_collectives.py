@@ -184,11 +184,11 @@ class P2P:
 
     def send_value(self, x: torch.Tensor, peer: int, tag: int) -> None:
         strides = list(x.stride()) if 0 not in x.stride() else list(x.contiguous().stride())
-        self.isend(torch.tensor(strides, dtype=torch.long), peer, 4 * tag + 1)
+        self.isend(torch.tensor(strides, dtype=torch.long, device=x.device), peer, 4 * tag + 1)
         self.isend(x, peer, 4 * tag)
 
     def recv_value(self, shape, dtype, device, peer: int, tag: int) -> torch.Tensor:
-        strides = torch.zeros(len(shape), dtype=torch.long)
+        strides = torch.zeros(len(shape), dtype=torch.long, device=device)
         dist.recv(strides, peer, tag=4 * tag + 1)
         data = self.recv(shape, dtype, device, peer, 4 * tag)
         if tuple(strides.tolist()) == data.stride():

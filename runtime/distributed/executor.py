@@ -270,7 +270,7 @@ class RankExecutor:
         self.optimizer.zero_grad()
         if not self.is_last:
             return None
-        total = torch.tensor([self._loss_sum], dtype=torch.float64)
+        total = torch.tensor([self._loss_sum], dtype=torch.float64, device=self.device)
         if self.size > 1:
             dist.all_reduce(total, group=ac.get_group(self.stage_ranks))
         return float(total.item())
@@ -289,9 +289,9 @@ class RankExecutor:
         if first_last == 0:
             return full if self.rank == 0 else None
         if self.rank == first_last:
-            _send_tensors(full, 0)
+            _send_tensors(full, 0, self.device)
         elif self.rank == 0:
-            return _recv_tensors(first_last)
+            return _recv_tensors(first_last, self.device)
         return None
 
     def _replicate(self, x: torch.Tensor, pl) -> torch.Tensor:
@@ -306,27 +306,28 @@ class RankExecutor:
         return {k: v.detach().clone() for k, v in self.params.items()}
 
 
-def _send_tensors(tensors: list[torch.Tensor], dst: int) -> None:
-    dist.send(torch.tensor([len(tensors)]), dst, tag=_GATHER_TAG)
+def _send_tensors(tensors: list[torch.Tensor], dst: int, device="cpu") -> None:
+    """Send a list of tensors of any shape; headers travel on `device` too (NCCL needs it)."""
+    dist.send(torch.tensor([len(tensors)], device=device), dst, tag=_GATHER_TAG)
     for t in tensors:
         t = t.contiguous()
-        header = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *t.shape])
-        dist.send(torch.tensor([header.numel()]), dst, tag=_GATHER_TAG + 1)
+        header = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *t.shape], device=device)
+        dist.send(torch.tensor([header.numel()], device=device), dst, tag=_GATHER_TAG + 1)
         dist.send(header, dst, tag=_GATHER_TAG + 2)
         dist.send(t, dst, tag=_GATHER_TAG + 3)
 
 
-def _recv_tensors(src: int) -> list[torch.Tensor]:
-    count = torch.zeros(1, dtype=torch.long)
+def _recv_tensors(src: int, device="cpu") -> list[torch.Tensor]:
+    count = torch.zeros(1, dtype=torch.long, device=device)
     dist.recv(count, src, tag=_GATHER_TAG)
     out = []
     for _ in range(int(count)):
-        n = torch.zeros(1, dtype=torch.long)
+        n = torch.zeros(1, dtype=torch.long, device=device)
         dist.recv(n, src, tag=_GATHER_TAG + 1)
-        header = torch.zeros(int(n), dtype=torch.long)
+        header = torch.zeros(int(n), dtype=torch.long, device=device)
         dist.recv(header, src, tag=_GATHER_TAG + 2)
         dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-        t = torch.empty(tuple(int(s) for s in header[2 : 2 + ndim]), dtype=dtype)
+        t = torch.empty(tuple(int(s) for s in header[2 : 2 + ndim]), dtype=dtype, device=device)
         dist.recv(t, src, tag=_GATHER_TAG + 3)
         out.append(t)
     return out

@@ -82,8 +82,37 @@ def _default_start_method() -> str:
 
     # fork is unsafe once CUDA is initialized (and unavailable off Linux); spawn always works.
     if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
-        return "fork"
+        return "fork" if fork_keeps_autograd() else "spawn"
     return "spawn"
+
+
+_AUTOGRAD_FORK_BROKEN = False
+
+
+def fork_keeps_autograd() -> bool:
+    """Whether a forked child can still run a backward pass.
+
+    Some torch releases (2.11 among them) refuse autograd in a child forked after the parent
+    ran one ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"). A forked probe runs a one-element backward and reports; once broken,
+    it stays broken for the life of the process, so that answer is kept.
+    """
+    global _AUTOGRAD_FORK_BROKEN
+    if _AUTOGRAD_FORK_BROKEN:
+        return False
+    pid = os.fork()
+    if pid == 0:  # the probe child: never returns into the caller's code
+        code = 1
+        try:
+            import torch
+
+            torch.ones(1, requires_grad=True).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    _AUTOGRAD_FORK_BROKEN = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+    return not _AUTOGRAD_FORK_BROKEN
 
 
 def _run_under_torchrun(fn, world_size, args, backend, pg_timeout_s) -> Any:

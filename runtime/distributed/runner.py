@@ -41,6 +41,7 @@ from .program import RankProgram, program_from_lowered, split_stages, tie_rank_g
 from .shards import assemble_from_specs, spec_from_placements
 
 PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,17 @@ class RunSpec:
     lowering: str = "auto"  # "auto" (planner when available), "planner", "split"
     timeout_s: float = 240.0
     hardware: str = "h100"  # the cost model's device, for plan="auto"
+    device: str = "cpu"  # where ranks compute: "cpu" (gloo) or "cuda" (NCCL, a GPU per rank)
 
     def __post_init__(self):
         if self.plan not in PLAN_KINDS:
             raise ValueError(f"unknown plan kind {self.plan!r}; known: {PLAN_KINDS}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; known: {DEVICES}")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
 
     @property
     def world_size(self) -> int:
@@ -266,12 +274,14 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
     init_plan_groups(plan, tie_rank_groups(ties, plan))
     program = rank_program(job, rank)
     load_program_weights(program, job.checkpoint)
+    device = rank_device(spec.device, rank)
     ex = RankExecutor(
         program,
         plan,
         training=spec.training,
         optim=spec.optim,
         loss=spec.loss,
+        device=device,
         ties=ties,
         own_tensors=True,
     )
@@ -288,19 +298,47 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         for n, p in pl.items()
     }
     opt = ex.optimizer.state_numel() if ex.optimizer else 0
+    if outputs is not None:
+        outputs = [t.cpu() for t in outputs]
     return RankResult(
         rank,
         ex.stage,
         ex.coords,
         outputs,
         losses,
-        ex.param_shards(),
+        {k: t.cpu() for k, t in ex.param_shards().items()},
         pl,
         specs,
         sum(t.numel() for t in ex.params.values()),
         opt,
         _storage_bytes([*ex.params.values(), *(program.graph.tensors[k] for k in ex.params)]),
     )
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The torch device a rank computes on: its own GPU (LOCAL_RANK under torchrun)."""
+    if device == "cpu":
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise DistributedError(
+            f"rank {rank}: device 'cuda' needs a GPU per rank on this host, and local rank "
+            f"{local} has none ({have} visible); run with device 'cpu' (gloo) instead"
+        )
+    return f"cuda:{local}"
+
+
+def check_devices(spec: RunSpec, world_size: int) -> None:
+    """Fail before launching when the ranks of one host cannot each have a GPU."""
+    if spec.device != "cuda":
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < world_size:
+        raise DistributedError(
+            f"device 'cuda' runs one rank per GPU: {world_size} ranks need {world_size} GPUs, "
+            f"this host has {have}; use device 'cpu' (gloo) or a smaller mesh"
+        )
 
 
 def _storage_bytes(tensors) -> int:
@@ -311,18 +349,21 @@ def _storage_bytes(tensors) -> int:
 def run_distributed(job: Job, start_method: str | None = None) -> RunResult:
     """Launch the plan's ranks locally; reassemble outputs and parameters.
 
-    The ranks run the IR on CPU tensors, so the backend is gloo even where CUDA is available
-    (launch() itself picks NCCL for CUDA work).
+    The backend follows the spec's device: gloo for CPU tensors, NCCL with one GPU per rank
+    (ranks are then spawned: CUDA cannot be forked).
     """
     from .launch import launch
 
+    check_devices(job.spec, job.plan.world_size)
+    if job.spec.device == "cuda":
+        start_method = "spawn"
     with tempfile.TemporaryDirectory(prefix="meshweave-weights-") as tmp:
         results = launch(
             run_rank,
             job.plan.world_size,
             (rank_job(job, os.path.join(tmp, CHECKPOINT_NAME)),),
             job.spec.timeout_s,
-            backend="gloo",
+            backend=job.spec.backend,
             start_method=start_method,
         )
     return collect(job, results)
