@@ -155,6 +155,7 @@ class _Runner:
             for i in self.strided:
                 state[i] = state[i].contiguous()
         try:
+            self.rt.begin_call()
             return self.call(list(leaves), state, self.rt)
         except MeshweaveError:
             raise

@@ -176,8 +176,6 @@ def flash_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, Hk, Sk, D], launching
     `kernel` (FLASH_ATTENTION_SOURCE as compiled in the generated module)."""
-    import triton
-
     B, H, SQ, D = q.shape
     HK, SK, DV = k.shape[1], k.shape[2], v.shape[3]
     if H % HK or (HK != H and not enable_gqa):
@@ -201,7 +199,7 @@ def flash_attention(
         block_m = 128 if SQ >= 128 and max(block_d, block_dv) <= 128 else 64
         block_n = 64 if max(block_d, block_dv) <= 128 else 32
         warps = 8 if block_m == 128 else 4
-    grid = (triton.cdiv(SQ, block_m), B * H)
+    grid = (-(-SQ // block_m), B * H)
     tf32 = allow_tf32 or q.dtype != torch.float32
     kernel[grid](
         q,

@@ -40,6 +40,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. (triton.cdiv is a JIT function: ~10 us a call from Python,
+    and a GPT-2 forward makes a hundred of them.)"""
+    return -(-a // b)
+
+
 class MatmulChooser:
     """Per-shape choice between the Triton template (with a tile config) and cuBLAS."""
 
@@ -126,6 +132,17 @@ class KernelRuntime:
         self.interpret = interpret
         self.nodes: list[Node] = list(graph.nodes)
         self.matmuls = MatmulChooser(matmul_policy, interpret, choices_path)
+        # Host time is the budget at small batch: launch configurations and matmul choices are
+        # memoized by their arguments, and the TF32 flag is read once per call (begin_call).
+        self._configs: dict[tuple, tuple] = {}
+        self._chosen: dict[tuple, Any] = {}
+        self.allow_tf32 = False
+
+    cdiv = staticmethod(cdiv)
+
+    def begin_call(self) -> None:
+        """Read the settings a call depends on, once per call of the generated module."""
+        self.allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
 
     # --- nodes that were not compiled -----------------------------------------------------------
     def run_node(self, index: int, values: Sequence[Any]) -> list[Any]:
@@ -141,6 +158,13 @@ class KernelRuntime:
 
     # --- launch configurations ------------------------------------------------------------------
     def pointwise_config(self, xnumel: int) -> tuple[int, int]:
+        key = ("p", xnumel)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = self._configs[key] = self._pointwise_config(xnumel)
+        return cfg
+
+    def _pointwise_config(self, xnumel: int) -> tuple[int, int]:
         if self.interpret:
             return min(next_power_of_2(max(xnumel, 1)), 1 << 16), 1
         block = min(1024, max(128, next_power_of_2(xnumel)))
@@ -149,6 +173,13 @@ class KernelRuntime:
     def reduction_config(
         self, xnumel: int, rnumel: int, looped: bool = False
     ) -> tuple[int, int, int]:
+        key = ("r", xnumel, rnumel, looped)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = self._configs[key] = self._reduction_config(xnumel, rnumel, looped)
+        return cfg
+
+    def _reduction_config(self, xnumel: int, rnumel: int, looped: bool) -> tuple[int, int, int]:
         rblock = next_power_of_2(max(rnumel, 1))
         if looped:  # the kernel walks the row in RBLOCK chunks
             rblock = min(rblock, 4096 if self.interpret else 1024)
@@ -158,10 +189,6 @@ class KernelRuntime:
             xblock = max(1, min(next_power_of_2(max(xnumel, 1)), budget // rblock))
         warps = 4 if rblock * xblock <= 2048 else (8 if rblock * xblock <= 8192 else 16)
         return xblock, rblock, warps
-
-    @property
-    def allow_tf32(self) -> bool:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
 
     # --- matmul ---------------------------------------------------------------------------------
     def matmul(
@@ -183,8 +210,6 @@ class KernelRuntime:
 
         `direct_out` is the output buffer when nothing is fused (then cuBLAS writes it).
         """
-        import triton
-
         tf32 = self.allow_tf32 or a.dtype != torch.float32
         squeeze = batch == 1 and a.dim() == 2
 
@@ -194,13 +219,13 @@ class KernelRuntime:
                     torch.matmul(a, b, out=direct_out.view((M, N) if squeeze else (batch, M, N)))
                     return
                 acc = torch.matmul(a, b)
-                grid = (triton.cdiv(M, 64), triton.cdiv(N, 64), batch)
+                grid = (cdiv(M, 64), cdiv(N, 64), batch)
                 epilogue[grid](acc, *io, M, N, *syms, BLOCK_M=64, BLOCK_N=64)
                 return
             bm, bn, bk, warps, stages = cfg
             sa = (0, *a.stride()) if squeeze else a.stride()
             sb = (0, *b.stride()) if squeeze else b.stride()
-            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), batch)
+            grid = (cdiv(M, bm) * cdiv(N, bn), batch)
             template[grid](
                 a,
                 b,
@@ -224,7 +249,11 @@ class KernelRuntime:
                 num_stages=stages,
             )
 
-        launch(self.matmuls.choose(f"{key}|{a.dtype}", M, N, K, launch))
+        memo = (key, a.dtype, M, N, K)
+        cfg = self._chosen.get(memo)
+        if cfg is None:
+            cfg = self._chosen[memo] = self.matmuls.choose(f"{key}|{a.dtype}", M, N, K, launch)
+        launch(cfg)
 
     # --- attention ------------------------------------------------------------------------------
     def attention(

@@ -28,6 +28,19 @@ from .schedule import Group, Schedule, kernel_name, schedule
 from .tvalues import CodegenError
 
 INDENT = "    "
+# view op -> (Tensor method, positional argument count) where the two take the same arguments
+_VIEW_METHODS = {
+    "aten.reshape.default": ("reshape", 2),
+    "aten.permute.default": ("permute", 2),
+    "aten.split_with_sizes.default": ("split_with_sizes", 3),
+    "aten.transpose.int": ("transpose", 3),
+    "aten.unsqueeze.default": ("unsqueeze", 2),
+    "aten.squeeze.dims": ("squeeze", 2),
+    "aten.squeeze.dim": ("squeeze", 2),
+    "aten.expand.default": ("expand", 2),
+    "aten.select.int": ("select", 3),
+    "aten.t.default": ("t", 1),
+}
 _RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
 
 
@@ -184,10 +197,16 @@ class _Wrapper:
             raise CodegenError(f"%{v.name} is used before it is computed")
         op = "aten.reshape.default" if n.op in _RESHAPES else n.op
         args = [self.pyarg(a) for a in n.args]
-        args += [f"{k}={self.pyarg(a)}" for k, a in n.kwargs.items()]
         outs = [f"buf_{o.name}" for o in n.outputs]
         target = ", ".join(outs) + ("," if n.multi_output and len(outs) == 1 else "")
-        self.emit(f"{target} = {op}({', '.join(args)})  # view, no copy")
+        method = _VIEW_METHODS.get(op)
+        if method is not None and not n.kwargs and len(args) == method[1]:
+            # a Tensor method: the same view, without the op overload's Python dispatch
+            call = f"{args[0]}.{method[0]}({', '.join(args[1:])})"
+        else:
+            args += [f"{k}={self.pyarg(a)}" for k, a in n.kwargs.items()]
+            call = f"{op}({', '.join(args)})"
+        self.emit(f"{target} = {call}  # view, no copy")
         for o, name in zip(n.outputs, outs):
             self.names[o] = name
         return self.names[v]
@@ -320,7 +339,7 @@ class _Wrapper:
         args += [s.name for s in ks.symbols]
         self.emit(f"XBLOCK, warps = rt.pointwise_config({self.size(ks.sizes['xnumel'])})")
         self.emit(
-            f"{name}[(triton.cdiv({args[len(ks.inputs) + len(ks.outputs)]}, XBLOCK),)]("
+            f"{name}[(rt.cdiv({args[len(ks.inputs) + len(ks.outputs)]}, XBLOCK),)]("
             f"{', '.join(args)}, XBLOCK=XBLOCK, num_warps=warps)"
         )
         self.record(g, name, self.defs_text(name))
@@ -335,7 +354,7 @@ class _Wrapper:
         looped = ", looped=True" if ks.extra.get("looped") else ""
         self.emit(f"XBLOCK, RBLOCK, warps = rt.reduction_config({x}, {r}{looped})")
         self.emit(
-            f"{name}[(triton.cdiv({x}, XBLOCK),)]({', '.join(args)}, XBLOCK=XBLOCK, "
+            f"{name}[(rt.cdiv({x}, XBLOCK),)]({', '.join(args)}, XBLOCK=XBLOCK, "
             f"RBLOCK=RBLOCK, num_warps=warps)"
         )
         self.record(g, name, self.defs_text(name))

@@ -60,3 +60,12 @@ def test_codegen_bench_without_transformers_uses_zoo_gpt2(tmp_path):
     [row] = json.loads(out_json.read_text())["rows"]
     assert row["model"] == "gpt2-tiny(zoo)" and "meshweave" not in row, row
     assert row["mw_max_err"] < 1e-4, row
+
+
+def test_host_overhead_bench_runs():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--layers", "2",
+           "--iters", "3"]
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nrepro: {' '.join(cmd)}"
+    assert "launch sites" in proc.stdout and "ratio meshweave call() / eager" in proc.stdout
