@@ -24,6 +24,7 @@ from .indexing import contiguous_strides, pexpr, to_expr
 from .kernels_pointwise import KernelSource, emit_pointwise, interpreter_loops
 from .kernels_reduction import emit_reduction
 from .matmul_template import MATMULS, emit_matmul, is_bare
+from .memory_plan import plan_reuse
 from .schedule import Group, Schedule, kernel_name, schedule
 from .tvalues import CodegenError
 
@@ -155,6 +156,7 @@ class _Wrapper:
         self.node_index = {n: i for i, n in enumerate(graph.nodes)}
         self.loaded = {v for ks in kernels.values() for k in ks for v in k.inputs}
         self.uses_attention = any(g.kind == "attention" for g in sched.groups)
+        self.reuse = plan_reuse(graph, sched)
 
     # --- names and expressions -----------------------------------------------------------------
     def emit(self, line: str) -> None:
@@ -326,6 +328,10 @@ class _Wrapper:
         for v in g.outputs:
             t = v.tensor_type
             self.names[v] = f"buf_{v.name}"
+            dead = self.reuse.get(v)
+            if dead is not None:
+                self.emit(f"buf_{v.name} = {self.names[dead]}  # reuse: nothing reads it later")
+                continue
             self.emit(
                 f"buf_{v.name} = torch.empty({self.shape(t.shape)}, dtype={t.dtype}, device=device)"
             )
