@@ -181,7 +181,7 @@ class KernelContext:
     def condition(self, e, lo, hi) -> TVar:
         e = sympy.expand(to_expr(e))
         parts = []
-        if to_expr(lo) != 0:
+        if to_expr(lo) != 0 or not e.is_nonnegative:  # x - 1 may be negative; x may not
             parts.append(f"({self.sym_text(e)} >= {self.sym_text(to_expr(lo))})")
         parts.append(f"({self.sym_text(e)} < {self.sym_text(to_expr(hi))})")
         return self.emit(" & ".join(parts), "tl.int1", self.axes_of(e))

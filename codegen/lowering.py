@@ -23,8 +23,8 @@ import torch
 from ..ir.graph import Node, Value, map_values
 from ..ir.registry import RuleTable
 from ..ir.types import ScalarType
-from .indexing import broadcast_index, scalar_arg, to_expr
-from .tvalues import TVar, cast, compute_ctype, is_float_ctype, lit, promote_ctypes
+from .indexing import FloorDiv, broadcast_index, scalar_arg, to_expr
+from .tvalues import CodegenError, TVar, cast, compute_ctype, is_float_ctype, lit, promote_ctypes
 
 LOWERINGS = RuleTable("triton_lowering")
 
@@ -539,3 +539,140 @@ def _tril_triu(ctx, node, index):
     ct = _out_ctype(node)
     cond = f"(({diff}) {op} {lit(diagonal)})"
     return ctx.emit(f"tl.where({cond}, {x}, {cast(0, ct)})", ct, set(x.axes) | diff.axes)
+
+
+# --- normalization with given statistics -------------------------------------------------------
+def _batch_norm_supported(node: Node) -> str | None:
+    x = node.args[0].tensor_type
+    return None if x.rank >= 2 else f"batch norm of a rank-{x.rank} input"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOutput(Indexed):
+    """An Indexed rule for a multi-output op of which kernels compute output 0 only (the
+    others, like batch norm's empty saved statistics in inference, are never read)."""
+
+    def lower(self, ctx, node: Node, pos: int, index) -> TVar:
+        if pos != 0:
+            raise CodegenError(f"{node.op}: only output 0 is computed by kernels, not {pos}")
+        return self.fn(ctx, node, index)
+
+
+def _batch_norm_inference(ctx, node, index):
+    """(x - running_mean) * rsqrt(running_var + eps) * weight + bias, per channel (dim 1)."""
+    x, weight, bias, mean, var = node.args[:5]
+    eps = float(node.args[6])
+    channel = (index[1],)
+    axes = set()
+
+    def per_channel(v: Value) -> TVar:
+        tv = ctx.value(v, channel)
+        axes.update(tv.axes)
+        return cast(tv, "tl.float32")
+
+    xv = ctx.value(x, index)
+    axes.update(xv.axes)
+    expr = (f"({cast(xv, 'tl.float32')} - {per_channel(mean)}) * "
+            f"tl.rsqrt({per_channel(var)} + {lit(eps)})")
+    if isinstance(weight, Value):
+        expr = f"{expr} * {per_channel(weight)}"
+    if isinstance(bias, Value):
+        expr = f"{expr} + {per_channel(bias)}"
+    ct = _out_ctype(node)
+    return ctx.emit(cast(TVar(f"({expr})", "tl.float32", axes), ct), ct, axes)
+
+
+LOWERINGS.register("aten._native_batch_norm_legit_no_training.default")(
+    FirstOutput(_batch_norm_inference, _batch_norm_supported)
+)
+
+
+# --- spatial resampling: nearest upsampling and max pooling -----------------------------------
+def _static_hw(node: Node) -> tuple | None:
+    shapes = (node.args[0].tensor_type.shape, node.outputs[0].tensor_type.shape)
+    dims = [d for s in shapes for d in s[-2:]]
+    return tuple(int(d) for d in dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _upsample_supported(node: Node) -> str | None:
+    hw = _static_hw(node)
+    if hw is None:
+        return "nearest upsampling of a symbolic spatial size"
+    ih, iw, oh, ow = hw
+    if oh % ih or ow % iw:
+        return f"nearest upsampling by a non-integer factor ({ih}x{iw} -> {oh}x{ow})"
+    scales = node.args[2] if len(node.args) > 2 else None
+    if scales and [float(s) for s in scales] != [oh / ih, ow / iw]:
+        return f"nearest upsampling with scale factors {scales} not equal to the size ratio"
+    return None
+
+
+@indexed("aten.upsample_nearest2d.vec", supports=_upsample_supported)
+def _upsample_nearest(ctx, node, index):
+    """out[..., h, w] = x[..., h // kh, w // kw]: exact for integer factors, as in eager."""
+    ih, iw, oh, ow = _static_hw(node)
+    *lead, h, w = index
+    return ctx.value(node.args[0], (*lead, FloorDiv(h, oh // ih), FloorDiv(w, ow // iw)))
+
+
+def _pool_params(node: Node):
+    def pair(v, default):
+        v = default if v is None or v == [] else v
+        v = [v] if isinstance(v, int) else list(v)
+        return (int(v[0]), int(v[-1]))
+
+    args = list(node.args) + [None] * 6
+    k = pair(args[1], None)
+    s = pair(args[2], k)
+    p = pair(args[3], 0)
+    d = pair(args[4], 1)
+    return k, s, p, d, bool(args[5])
+
+
+def _max_pool_supported(node: Node) -> str | None:
+    if node.args[0].tensor_type.rank != 4:
+        return "max pooling of a non-4-d input"
+    k, _, _, d, ceil = _pool_params(node)
+    if d != (1, 1) or ceil:
+        return "max pooling with dilation or ceil_mode"
+    if k[0] * k[1] > 16:
+        return f"max pooling window {k[0]}x{k[1]} (unrolled up to 16 elements)"
+    return None
+
+
+def _max_pool2d(ctx, node, index):
+    """Values of max_pool2d_with_indices: the window max, unrolled; padding reads -inf."""
+    (kh, kw), (sh, sw), (ph, pw), _, _ = _pool_params(node)
+    x = node.args[0]
+    height, width = x.tensor_type.shape[2], x.tensor_type.shape[3]
+    n, c, h, w = index
+    ct = _out_ctype(node)
+    result, axes = None, set()
+    for i in range(kh):
+        for j in range(kw):
+            hi, wj = h * sh + i - ph, w * sw + j - pw
+            conds = []
+            if ph:
+                conds.append(ctx.condition(hi, 0, to_expr(height)))
+            if pw:
+                conds.append(ctx.condition(wj, 0, to_expr(width)))
+            cond = None
+            if conds:
+                cond = conds[0] if len(conds) == 1 else ctx.emit(
+                    f"{conds[0]} & {conds[1]}", "tl.int1", conds[0].axes | conds[1].axes)
+            if cond is not None:
+                with ctx.masked(cond):
+                    v = cast(ctx.value(x, (n, c, hi, wj)), ct)
+                v = ctx.emit(f"tl.where({cond}, {v}, float('-inf'))", ct, set(v.axes) | cond.axes)
+            else:
+                v = cast(ctx.value(x, (n, c, hi, wj)), ct)
+            axes |= set(v.axes)
+            # NaN propagates as in eager: a NaN element wins the comparison
+            result = v if result is None else ctx.emit(
+                f"tl.where(({v} > {result}) | ({v} != {v}), {v}, {result})", ct, axes)
+    return result
+
+
+LOWERINGS.register("aten.max_pool2d_with_indices.default")(
+    FirstOutput(_max_pool2d, _max_pool_supported)
+)

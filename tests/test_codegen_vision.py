@@ -1,0 +1,109 @@
+"""Lowerings for vision ops: inference batch norm, nearest upsampling, max pooling. Each is
+compared with eager over its parameters; unsupported parameters fall back with a reason."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch.nn.functional as F
+
+import meshweave
+from meshweave import CompileOptions
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def compile_and_check(model, x, test: str, atol=1e-5, fallback_ops=()):
+    cm = meshweave.compile(model, (x,), options=CompileOptions(backend="triton"))
+    torch.testing.assert_close(cm(x), model(x), atol=atol, rtol=atol, equal_nan=True,
+                               msg=lambda m: f"{m}\nrepro: pytest {__file__} -k '{test}'")
+    ops = {f["op"] for f in cm.artifacts["kernels"].fallbacks}
+    assert ops == set(fallback_ops), (test, cm.artifacts["kernels"].fallbacks)
+    return cm
+
+
+class BNReLU(torch.nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(6, affine=affine, eps=1e-3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x) + 0.5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_norm_inference_fuses_with_its_consumers(affine, dtype):
+    torch.manual_seed(0)
+    m = BNReLU(affine).eval()
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            m.bn.weight.normal_()
+            m.bn.bias.normal_()
+    m = m.to(DEVICE, dtype)
+    x = torch.randn(2, 6, 5, 7, device=DEVICE, dtype=dtype)
+    cm = compile_and_check(m, x, f"batch_norm {affine} {dtype}",
+                           atol=1e-5 if dtype == torch.float32 else 2e-3)
+    assert len(cm.kernels) == 1  # batch norm, add and relu in one pointwise kernel
+
+
+class Up(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return F.interpolate(x, mode="nearest", **self.kw) * 2.0
+
+
+@pytest.mark.parametrize("kw", [{"scale_factor": 2.0}, {"scale_factor": (3.0, 2.0)},
+                                {"size": (8, 15)}])
+def test_nearest_upsampling_integer_factors(kw):
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    compile_and_check(Up(**kw).eval(), x, f"upsample {kw}")
+
+
+def test_nearest_upsampling_fractional_factor_falls_back():
+    x = torch.randn(1, 2, 4, 4, device=DEVICE)
+    compile_and_check(Up(size=(6, 6)).eval(), x, "upsample 4->6",
+                      fallback_ops=["aten.upsample_nearest2d.vec"])
+
+
+class Pool(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return F.max_pool2d(x - 1.0, **self.kw)
+
+
+@pytest.mark.parametrize("kw", [
+    {"kernel_size": 2},
+    {"kernel_size": 3, "stride": 2, "padding": 1},
+    {"kernel_size": (3, 2), "stride": (1, 2), "padding": (1, 0)},
+])
+def test_max_pool(kw):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, device=DEVICE)
+    x[0, 0, 0, 0] = float("nan")  # propagates to every window that holds it, as in eager
+    compile_and_check(Pool(**kw).eval(), x, f"max_pool {kw}")
+
+
+def test_max_pool_with_dilation_falls_back():
+    x = torch.randn(1, 2, 8, 8, device=DEVICE)
+    compile_and_check(Pool(kernel_size=2, dilation=2).eval(), x, "max_pool dilation",
+                      fallback_ops=["aten.max_pool2d_with_indices.default"])
