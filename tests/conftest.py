@@ -33,3 +33,10 @@ def assert_same_outputs(expected, got, *, rtol=1e-5, atol=1e-5, repro: str = "")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """A private generated-kernel cache for the test (MESHWEAVE_CACHE_DIR)."""
+    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

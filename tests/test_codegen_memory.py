@@ -4,14 +4,8 @@ the reference executor) never are."""
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from meshweave.codegen.memory_plan import plan_reuse
 from meshweave.codegen.schedule import schedule
 from meshweave.models.gpt import GPT, GPTConfig
@@ -20,11 +14,7 @@ import meshweave
 from meshweave import CompileOptions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("kernel_cache")  # conftest.py (also TRITON_INTERPRET)
 
 
 class LateViewRead(torch.nn.Module):

@@ -3,25 +3,15 @@ compared with eager over its parameters; unsupported parameters fall back with a
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.nn.functional as F
 
 import meshweave
 from meshweave import CompileOptions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("kernel_cache")  # conftest.py (also TRITON_INTERPRET)
 
 
 def compile_and_check(model, x, test: str, atol=1e-5, fallback_ops=()):
