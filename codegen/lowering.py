@@ -432,6 +432,53 @@ def _index_select(ctx, node, index):
     return ctx.value(x, tuple(pos if d == dim else i for d, i in enumerate(index)))
 
 
+def _index_tensors(node: Node) -> list[int]:
+    return [i for i, t in enumerate(node.args[1]) if isinstance(t, Value)]
+
+
+def _index_supported(node: Node) -> str | None:
+    present = _index_tensors(node)
+    if not present:
+        return "index with no index tensors"
+    if present != list(range(present[0], present[-1] + 1)):
+        return "advanced indexing with non-adjacent index tensors (result dims move first)"
+    for i in present:
+        dtype = node.args[1][i].tensor_type.dtype
+        if dtype not in (torch.int64, torch.int32):
+            return f"advanced indexing with a {dtype} index (boolean masks have data-dependent shapes)"
+    return None
+
+
+@indexed("aten.index.Tensor", supports=_index_supported)
+def _index(ctx, node, index):
+    """x[..., i0, i1, ...] with adjacent integer index tensors (broadcast together): the
+    broadcast index dims replace the indexed dims in place; negative indices wrap."""
+    x, indices = node.args[0], node.args[1]
+    present = _index_tensors(node)
+    first = present[0]
+    out_shape = node.outputs[0].tensor_type.shape
+    m = len(out_shape) - (x.tensor_type.rank - len(present))  # rank of the broadcast index
+    b_index, b_shape = tuple(index[first : first + m]), tuple(out_shape[first : first + m])
+    src = list(index[:first])
+    for j in present:
+        t = indices[j]
+        iv = ctx.value(t, broadcast_index(b_index, b_shape, t.tensor_type.shape))
+        size = ctx.sym_text(to_expr(x.tensor_type.shape[j]))
+        iv = ctx.emit(f"tl.where({iv} < 0, {iv} + {size}, {iv})", iv.ctype, iv.axes)
+        src.append(ctx.indirect(iv))
+    src += list(index[first + m :])
+    return ctx.value(x, tuple(src))
+
+
+@indexed("aten.flip.default")
+def _flip(ctx, node, index):
+    x = node.args[0]
+    shape, rank = x.tensor_type.shape, x.tensor_type.rank
+    dims = {d % rank for d in node.args[1]}
+    src = tuple(to_expr(shape[d]) - 1 - i if d in dims else i for d, i in enumerate(index))
+    return ctx.value(x, src)
+
+
 @indexed("aten.cat.default")
 def _cat(ctx, node, index):
     tensors = [

@@ -97,3 +97,43 @@ def test_max_pool_with_dilation_falls_back():
     x = torch.randn(1, 2, 8, 8, device=DEVICE)
     compile_and_check(Pool(kernel_size=2, dilation=2).eval(), x, "max_pool dilation",
                       fallback_ops=["aten.max_pool2d_with_indices.default"])
+
+
+class Gather(torch.nn.Module):
+    def __init__(self, which: str):
+        super().__init__()
+        self.which = which
+        self.w = torch.nn.Parameter(torch.randn(5, 6, 4))
+
+    def forward(self, x, idx):
+        if self.which == "rows":  # MoE: every token's expert weights
+            return self.w[idx] * 2.0
+        if self.which == "middle":  # x[:, idx] with a 2-d index
+            return x[:, idx] + 1.0
+        return x[idx, idx.flip(0)]  # two index tensors, broadcast together
+
+
+@pytest.mark.parametrize("which", ["rows", "middle", "pair"])
+def test_advanced_indexing_gathers(which):
+    torch.manual_seed(0)
+    model = Gather(which).to(DEVICE).eval()
+    x = torch.randn(5, 5, 3, device=DEVICE)
+    idx = torch.tensor([4, 0, -1, 2], device=DEVICE)  # -1 wraps, as in eager
+    if which == "middle":
+        idx = idx.view(2, 2)
+    cm = meshweave.compile(model, (x, idx), options=CompileOptions(backend="triton"))
+    torch.testing.assert_close(cm(x, idx), model(x, idx),
+                               msg=lambda m: f"{m}\nrepro: pytest {__file__} -k {which}")
+    assert not cm.artifacts["kernels"].fallbacks, cm.artifacts["kernels"].fallbacks
+
+
+def test_non_adjacent_index_tensors_fall_back_with_reason():
+    class Apart(torch.nn.Module):
+        def forward(self, x, idx):
+            return x[idx, :, idx] * 2.0  # the index dims move first: not lowered
+
+    x, idx = torch.randn(3, 4, 5, device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+    cm = meshweave.compile(Apart(), (x, idx), options=CompileOptions(backend="triton"))
+    torch.testing.assert_close(cm(x, idx), Apart()(x, idx))
+    [fb] = cm.artifacts["kernels"].fallbacks
+    assert fb["op"] == "aten.index.Tensor" and "non-adjacent" in fb["reason"], fb
