@@ -3,15 +3,17 @@
     python benchmarks/codegen_bench.py                 # GPU: GPT-2 small + Llama ~1.1B, fp16
     python benchmarks/codegen_bench.py --tiny          # CPU smoke run (Triton interpreter)
     python benchmarks/codegen_bench.py --json out.json # also write the rows as JSON
+    python benchmarks/codegen_bench.py --matmul autotune  # matmul tiles searched (slower compile)
 
 Models: GPT-2 small (transformers GPT2Config defaults: 12 layers, hidden 768, 12 heads,
 vocab 50257) and a Llama-style model of ~1.1B parameters built with the zoo's Llama builder
 (22 layers, hidden 2048, 32 heads / 4 KV heads, SwiGLU 5632, vocab 32000, like TinyLlama).
 Shapes: batch x seq 1x128 and 8x512. For every (model, shape) it reports the median forward
 time over --iters runs (CUDA events on the GPU, perf_counter otherwise), the ratio to Inductor,
-compile times (meshweave cold with an empty kernel cache dir, and cached: the same graph
-compiled again with the cache warm and the generated module re-imported; Inductor's is its
-first call) and the max abs error of the logits against eager.
+compile times (meshweave cold: compile() plus the first call, where Triton compiles the kernels
+and matmul tiles are timed, with an empty kernel cache dir; cached: the same graph compiled
+again with the cache warm and the generated module re-imported; Inductor's is its first call)
+and the max abs error of the logits against eager.
 
 No network access is needed: all weights are random. --tiny shrinks everything so the script
 runs on a CPU under the Triton interpreter (TRITON_INTERPRET is set before triton loads).
@@ -203,6 +205,8 @@ def bench_one(name, model, inputs, batch, seq, args, device) -> dict:
             row["meshweave"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if "inductor_ms" in row and "mw_ms" in row:
         row["mw_vs_inductor"] = row["mw_ms"] / row["inductor_ms"]
+    if "inductor_compile_s" in row and "mw_cold_s" in row:
+        row["cold_vs_inductor"] = row["mw_cold_s"] / row["inductor_compile_s"]
     return row
 
 
@@ -224,6 +228,8 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         got = _first_tensor(cm(*x))
         _sync(device)
         row["mw_first_call_s"] = time.perf_counter() - t0
+        # Triton compiles (and "auto" times matmul tiles) at the first call: cold = both
+        row["mw_cold_s"] = row["mw_compile_s"] + row["mw_first_call_s"]
         row["mw_cache"] = cm.artifacts["kernels"].cache_status
         row["mw_kernels"] = len(cm.kernels)
         row["mw_fallback_nodes"] = len(cm.artifacts["kernels"].fallbacks)
@@ -254,6 +260,8 @@ def print_table(rows: list[dict], header: str) -> None:
         ("inductor_compile_s", "{:.1f}"),
         ("mw_compile_s", "{:.1f}"),
         ("mw_first_call_s", "{:.1f}"),
+        ("mw_cold_s", "{:.1f}"),
+        ("cold_vs_inductor", "{:.2f}x"),
         ("mw_cached_compile_s", "{:.1f}"),
         ("mw_kernels", "{}"),
         ("mw_max_err", "{:.2e}"),
@@ -279,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="all", help="comma list: gpt2,llama (default all)")
     p.add_argument("--shapes", default=None, help="comma list of BxS, e.g. 1x128,8x512")
     p.add_argument("--json", default=None, help="write the result rows to this file")
+    p.add_argument("--matmul", default=None, choices=["auto", "autotune", "triton", "torch"],
+                   help="meshweave's matmul policy (sets MESHWEAVE_MATMUL; default auto)")
     args = p.parse_args(argv)
+    if args.matmul:
+        os.environ["MESHWEAVE_MATMUL"] = args.matmul
     _setup_env(args.tiny)
 
     import torch

@@ -31,6 +31,8 @@ import dataclasses
 import os
 from typing import Any
 
+from meshweave import env
+
 from ..ir.errors import MeshweaveError
 from ..ir.types import TensorType
 from .tvalues import CodegenError
@@ -45,26 +47,34 @@ __all__ = [
 ]
 
 
+MATMUL_POLICIES = ("auto", "autotune", "triton", "torch")
+
+
 @dataclasses.dataclass(frozen=True)
 class CodegenConfig:
     """Knobs of the Triton backend (explicit, immutable; tests pass their own).
 
-    matmul: "auto" (measure template vs cuBLAS per shape on the GPU; the template under the
-        interpreter), "triton" (always the template) or "torch" (always cuBLAS + epilogue).
+    matmul: "auto" (on the GPU, time cuBLAS + the epilogue kernel against the template at one
+        tile chosen by shape, per shape, once: one template compile per matmul kernel, which
+        keeps cold compiles short, like Inductor's default mode; the template under the
+        interpreter), "autotune" (the same against four more tiles: slower to compile, like
+        max-autotune), "triton" (always the template) or "torch" (always cuBLAS + epilogue).
+        Default: $MESHWEAVE_MATMUL, else "auto".
     fuse: fuse across ops; False emits one kernel per op (for debugging and comparisons).
     cache_dir: kernel cache root; default <MESHWEAVE_CACHE_DIR or ~/.cache/meshweave>/kernels.
     use_cache: read and write the on-disk cache.
     """
 
-    matmul: str = "auto"
+    matmul: str = dataclasses.field(default_factory=env.matmul_policy)
     fuse: bool = True
     cache_dir: str | None = None
     use_cache: bool = True
 
     def __post_init__(self):
-        if self.matmul not in ("auto", "triton", "torch"):
+        if self.matmul not in MATMUL_POLICIES:
             raise ValueError(
-                f"CodegenConfig.matmul={self.matmul!r}: expected 'auto', 'triton' or 'torch'"
+                f"CodegenConfig.matmul={self.matmul!r}: expected one of {MATMUL_POLICIES} "
+                f"(also settable as $MESHWEAVE_MATMUL)"
             )
 
 
@@ -201,8 +211,6 @@ def prepare_triton_backend(options=None, model=None) -> None:
 
 def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
     """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
-    from meshweave import env
-
     from .triton_mode import device_name, ensure_triton_mode
 
     config = config or CodegenConfig()

@@ -65,23 +65,31 @@ class MatmulChooser:
                 self.choices = {}  # a damaged choice file is only a lost measurement
 
     def default_config(self, M: int, N: int, K: int) -> tuple:
+        """The one template tile for a shape: "triton" uses it, "auto" measures it vs cuBLAS."""
         def tile(n, cap):
             return min(cap, max(16, next_power_of_2(n)))
 
         if self.interpret:  # big tiles: fewer interpreted programs (numpy does the work)
             return (tile(M, 256), tile(N, 256), tile(K, 256), 4, 1)
-        return (tile(M, 64), tile(N, 64), 32, 4, 3)
+        if M >= 128 and N >= 128:
+            return (128, 128, 32, 8, 3)
+        if M <= 32:  # decode-like: skinny M, wide K tiles
+            return (tile(M, 32), 64, 64, 4, 3)
+        return (64, 128, 32, 4, 4)
 
     def candidates(self, M: int, N: int, K: int) -> list:
+        first = self.default_config(M, N, K)
+        if self.policy != "autotune":
+            return [TORCH, first]
         configs = [c for c in GPU_MATMUL_CONFIGS if c[0] <= max(16, next_power_of_2(M))]
-        return [TORCH] + configs[:4]
+        return [TORCH, first] + [c for c in configs[:4] if c != first]
 
     def choose(self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None]) -> Any:
-        if self.policy == "triton" or (self.policy == "auto" and self.interpret):
+        if self.policy == "triton" or self.interpret:  # nothing to time on the interpreter
             return self.default_config(M, N, K)
         if self.policy == TORCH:
             return TORCH
-        full = f"{key}|{M}x{N}x{K}"
+        full = f"{key}|{M}x{N}x{K}|{self.policy}"
         if full in self.choices:
             return self.choices[full]
         best = min(self.candidates(M, N, K), key=lambda c: _time_gpu(lambda: launch(c)))

@@ -6,6 +6,8 @@ MESHWEAVE_CACHE_DIR    cache root (default: ~/.cache/meshweave); generated kerne
                        under <cache root>/kernels.
 MESHWEAVE_CHECKPOINT_DIR  where `meshweave run` writes the weight checkpoint that ranks load
                        their shards from (default: a temp dir; must be shared across nodes).
+MESHWEAVE_MATMUL       the Triton backend's matmul policy when CodegenConfig does not name one:
+                       auto (default), autotune, triton or torch (see codegen.CodegenConfig).
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
                        set by torchrun; runtime/distributed/launch.py reads them to run as one
                        rank of an externally launched job (and sets them for its own ranks).
@@ -26,6 +28,10 @@ def dump_dir() -> str | None:
 def cache_dir() -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "meshweave")
     return os.environ.get("MESHWEAVE_CACHE_DIR") or default
+
+
+def matmul_policy() -> str:
+    return os.environ.get("MESHWEAVE_MATMUL") or "auto"
 
 
 def checkpoint_dir() -> str | None:

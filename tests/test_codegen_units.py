@@ -3,6 +3,7 @@ No kernels run here."""
 
 from __future__ import annotations
 
+import pytest
 import sympy
 import torch
 from meshweave.codegen.indexing import (
@@ -104,3 +105,27 @@ def test_classification_reasons():
         classify(next(n for n in cm.graph.nodes if n.op == "aten.slice.Tensor"), {}, True, {})[0]
         == "view"
     )
+
+
+def test_matmul_policies_and_their_candidates(monkeypatch, tmp_path):
+    from meshweave.codegen import CodegenConfig
+    from meshweave.codegen.runtime import TORCH, MatmulChooser
+
+    auto = MatmulChooser("auto", interpret=False, path=None)
+    tune = MatmulChooser("autotune", interpret=False, path=None)
+    # auto: cuBLAS against one tile per shape (one template compile per kernel)
+    assert auto.candidates(128, 768, 768) == [TORCH, (128, 128, 32, 8, 3)]
+    assert auto.candidates(8, 768, 768) == [TORCH, (16, 64, 64, 4, 3)]
+    many = tune.candidates(512, 3072, 768)
+    assert many[:2] == auto.candidates(512, 3072, 768) and len(many) >= 4
+    assert len(set(many)) == len(many)
+    # nothing is timed under the interpreter, whatever the policy
+    calls = []
+    interp = MatmulChooser("autotune", interpret=True, path=None)
+    assert interp.choose("k", 8, 8, 8, calls.append) == interp.default_config(8, 8, 8)
+    assert calls == []
+    monkeypatch.setenv("MESHWEAVE_MATMUL", "autotune")
+    assert CodegenConfig().matmul == "autotune"
+    monkeypatch.setenv("MESHWEAVE_MATMUL", "fastest")
+    with pytest.raises(ValueError, match="MESHWEAVE_MATMUL"):
+        CodegenConfig()
