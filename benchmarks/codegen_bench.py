@@ -13,7 +13,10 @@ time over --iters runs (CUDA events on the GPU, perf_counter otherwise), the rat
 compile times (meshweave cold: compile() plus the first call, where Triton compiles the kernels
 and matmul tiles are timed, with an empty kernel cache dir; cached: the same graph compiled
 again with the cache warm and the generated module re-imported; Inductor's is its first call)
-and the max abs error of the logits against eager.
+and the max abs error of the logits against eager. On a GPU it also times the same kernels
+replayed from a CUDA graph (CompileOptions(cuda_graphs=True), column mw_graphs_ms): that is
+the counterpart of Inductor's reduce-overhead mode, which is not run here, so compare it with
+the Inductor column only as "what each project offers", not mode for mode.
 
 No network access is needed: all weights are random. --tiny shrinks everything so the script
 runs on a CPU under the Triton interpreter (TRITON_INTERPRET is set before triton loads).
@@ -245,6 +248,16 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         _sync(device)
         row["mw_cached_compile_s"] = time.perf_counter() - t0
         row["mw_cached_status"] = cm2.artifacts["kernels"].cache_status
+        if device == "cuda":  # the same kernels replayed from a CUDA graph (cuda_graphs=True)
+            try:
+                cm3 = meshweave.compile(model, x, options=opts.replace(cuda_graphs=True))
+                got = _first_tensor(cm3(*x))
+                if cm3._runner.disabled:
+                    row["mw_graphs"] = f"capture failed: {cm3._runner.disabled[:120]}"
+                row["mw_graphs_max_err"] = (got.float() - ref.float()).abs().max().item()
+                row["mw_graphs_ms"] = time_fn(lambda: cm3(*x), device, args.iters)
+            except Exception as e:  # noqa: BLE001  reported in the table, not fatal
+                row["mw_graphs"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -257,6 +270,7 @@ def print_table(rows: list[dict], header: str) -> None:
         ("inductor_ms", "{:.3f}"),
         ("mw_ms", "{:.3f}"),
         ("mw_vs_inductor", "{:.2f}x"),
+        ("mw_graphs_ms", "{:.3f}"),
         ("inductor_compile_s", "{:.1f}"),
         ("mw_compile_s", "{:.1f}"),
         ("mw_first_call_s", "{:.1f}"),
@@ -274,7 +288,7 @@ def print_table(rows: list[dict], header: str) -> None:
             v = r.get(c)
             cells.append(fmt.format(v) if v is not None else "-")
         print(" | ".join(cells))
-        for k in ("inductor", "meshweave", "mw_cache", "mw_cached_status"):
+        for k in ("inductor", "meshweave", "mw_graphs", "mw_cache", "mw_cached_status"):
             if k in r and isinstance(r[k], str) and r[k] not in ("miss", "hit"):
                 print(f"    {k}: {r[k]}")
 

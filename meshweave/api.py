@@ -82,10 +82,20 @@ def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:
     if backend is None:
         backend = "triton" if _graph_on_cuda(cm) and _triton_available() else "eager"
     cm.backend = backend
+    if options.cuda_graphs and (backend != "triton" or not _graph_on_cuda(cm)):
+        raise ValueError(
+            f"CompileOptions.cuda_graphs=True needs the triton backend on CUDA tensors; this "
+            f"model compiled for backend {backend!r} on "
+            f"{'CUDA' if _graph_on_cuda(cm) else 'the CPU'}: move the model and inputs to a "
+            f"GPU or drop cuda_graphs")
     if backend == "triton":
         from meshweave.codegen import attach_triton_backend
 
         attach_triton_backend(cm)
+        if options.cuda_graphs:
+            from meshweave.codegen.cuda_graphs import CudaGraphRunner
+
+            cm._runner = CudaGraphRunner(cm._runner)
 
 
 def _graph_on_cuda(cm: CompiledModel) -> bool:

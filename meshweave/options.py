@@ -25,6 +25,9 @@ class CompileOptions:
     mesh: a meshweave.DeviceMesh to plan for (parallel planning issue).
     hardware: hardware spec name or path used by cost models.
     training: plan/compile a training step rather than inference.
+    cuda_graphs: with backend "triton" on CUDA, capture the generated module's launches in a
+        CUDA graph per input signature and replay it (like torch.compile's reduce-overhead
+        mode, but outputs are fresh tensors); see codegen/cuda_graphs.py.
     """
 
     eager_fallback: bool = True
@@ -38,11 +41,15 @@ class CompileOptions:
     mesh: Any = None
     hardware: str | None = None
     training: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.backend not in (None, "eager", "triton"):
             raise ValueError(f"CompileOptions.backend={self.backend!r}: expected 'eager', "
                              f"'triton' or None")
+        if self.cuda_graphs and self.backend == "eager":
+            raise ValueError("CompileOptions.cuda_graphs=True replays generated Triton kernels: "
+                             "it needs backend='triton' (or None on CUDA), not 'eager'")
         if self.passes is not None and not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
 

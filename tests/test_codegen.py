@@ -424,6 +424,12 @@ def test_unsupported_dtype_falls_back_with_reason():
 def test_invalid_backend_name():
     with pytest.raises(ValueError, match="backend"):
         CompileOptions(backend="cuda-graphs")
+    with pytest.raises(ValueError, match="cuda_graphs=True .* needs backend='triton'"):
+        CompileOptions(backend="eager", cuda_graphs=True)
+    if not torch.cuda.is_available():  # CPU tensors cannot be graphed
+        x = torch.randn(2, 4)
+        with pytest.raises(ValueError, match="needs the triton backend on CUDA tensors"):
+            compile_triton(torch.nn.Linear(4, 4), (x,), cuda_graphs=True)
     with pytest.raises(ValueError, match="matmul"):
         CodegenConfig(matmul="cublas")
 
