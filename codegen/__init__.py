@@ -105,7 +105,9 @@ class KernelsArtifact:
         module_source: str,
         cache_status: str,
         key: str,
+        folded: dict[str, str] | None = None,
     ):
+        self.folded = dict(folded or {})  # traced nodes a codegen pre-pass removed -> why
         self.kernels = kernels
         self.fallbacks = fallbacks
         self.module_path = module_path
@@ -125,6 +127,10 @@ class KernelsArtifact:
         )
         for f in self.fallbacks:
             text += f"\n    not compiled: %{f['node']} ({f['op']}): {f['reason']}"
+        if self.folded:
+            text += f"\n    {len(self.folded)} traced nodes need no kernel: " + "; ".join(
+                sorted({f"{why}: " + ", ".join(f"%{n}" for n, w in self.folded.items()
+                                                if w == why) for why in self.folded.values()}))
         return text
 
     def dump(self, directory: str) -> list[str]:
@@ -146,6 +152,9 @@ class KernelsArtifact:
                 f"\nnot compiled ({len(self.fallbacks)} nodes, run by the reference executor):\n"
             )
             f.writelines(f"  %{fb['node']} ({fb['op']}): {fb['reason']}\n" for fb in self.fallbacks)
+            if self.folded:
+                f.write(f"\nno kernel needed ({len(self.folded)} nodes):\n")
+                f.writelines(f"  %{n}: {why}\n" for n, why in self.folded.items())
         return [src, listing]
 
 
@@ -213,8 +222,10 @@ def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
     """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
     from .triton_mode import device_name, ensure_triton_mode
 
+    from .gqa import fold_gqa_repeats
+
     config = config or CodegenConfig()
-    graph = cm.graph
+    graph = fold_gqa_repeats(cm.graph)  # the kernels' graph: the traced one, K/V repeats folded
     interpret = ensure_triton_mode(_on_cuda(graph))
     from .cache import STATS, CorruptEntry, KernelCache, cache_key
     from .wrapper import generate_module
@@ -284,5 +295,6 @@ def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str
     with open(entry.path) as f:
         module_source = f.read()
     cm.artifacts["kernels"] = KernelsArtifact(
-        kernels, fallbacks, entry.path, module_source, entry.status, key
+        kernels, fallbacks, entry.path, module_source, entry.status, key,
+        graph.meta.get("folded"),
     )

@@ -134,3 +134,65 @@ def test_sdpa_fallback_for_unsupported_attention():
     assert [f["op"] for f in fallbacks] == ["aten.scaled_dot_product_attention.default"]
     assert "head dim 300" in fallbacks[0]["reason"]
     torch.testing.assert_close(cm(q, k, v), model(q, k, v))
+
+
+class RepeatKV(torch.nn.Module):
+    """Llama-style GQA: K/V heads repeated before SDPA, in [B, S, H, D] (zoo) or [B, H, S, D]
+    (HF) layout; `wrong` repeats along the sequence instead, which must not be folded."""
+
+    def __init__(self, layout: str, wrong: bool = False):
+        super().__init__()
+        self.layout, self.wrong = layout, wrong
+
+    def forward(self, q, k, v):
+        def rep(x, dim):  # x[:, :, None] expanded along a new dim after `dim`, then merged
+            shape = list(x.shape)
+            y = x.unsqueeze(dim + 1).expand(*shape[: dim + 1], 3, *shape[dim + 1:])
+            shape[dim] *= 3
+            return y.reshape(shape)
+
+        if self.layout == "bshd":
+            k, v = rep(k, 2), rep(v, 2)
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        dim = 2 if self.wrong else 1
+        return F.scaled_dot_product_attention(q, rep(k, dim), rep(v, dim))
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_repeated_kv_heads_fold_into_grouped_attention(layout):
+    torch.manual_seed(0)
+    shape_q = (2, 5, 6, 16) if layout == "bshd" else (2, 6, 5, 16)
+    shape_kv = (2, 5, 2, 16) if layout == "bshd" else (2, 2, 5, 16)
+    q = torch.randn(shape_q, device=DEVICE)
+    k, v = torch.randn(shape_kv, device=DEVICE), torch.randn(shape_kv, device=DEVICE)
+    model = RepeatKV(layout)
+    cm = meshweave.compile(model, (q, k, v), options=CompileOptions(backend="triton"))
+    torch.testing.assert_close(cm(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-5)
+    src = cm.artifacts["kernels"].module_source
+    assert "enable_gqa=True" in src, "the K/V repeat was not folded"
+    assert [k.kind for k in cm.kernels] == ["attention"], [k.name for k in cm.kernels]
+    assert "enable_gqa" not in str(cm.graph)  # the traced graph itself is left as it was
+
+
+def test_repeat_along_another_dim_is_not_folded():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 15, 8, device=DEVICE)
+    k, v = torch.randn(1, 2, 5, 8, device=DEVICE), torch.randn(1, 2, 5, 8, device=DEVICE)
+    model = RepeatKV("bhsd", wrong=True)  # repeats positions, not heads
+    cm = meshweave.compile(model, (q, k, v), options=CompileOptions(backend="triton"))
+    torch.testing.assert_close(cm(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-5)
+    assert "enable_gqa=True" not in cm.artifacts["kernels"].module_source
+
+
+def test_folded_nodes_are_listed_in_explain():
+    from meshweave.models import build_model
+
+    model, inputs = build_model("llama-tiny", device=DEVICE, batch=1, seq=8)
+    cm = meshweave.compile(model, inputs, options=CompileOptions(backend="triton"))
+    art = cm.artifacts["kernels"]
+    ops = {n.outputs[0].name: n.op for n in cm.graph.nodes}
+    assert art.folded and {ops[n] for n in art.folded} <= {
+        "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default",
+        "aten.view.default", "aten.permute.default"}, art.folded
+    assert "traced nodes need no kernel: K/V head repeat folded" in art.summary()

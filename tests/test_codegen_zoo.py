@@ -51,6 +51,8 @@ def test_zoo_model_matches_reference(name):
         label = node.outputs[0].name
         if node.op.startswith(("sym.", "aten.sym_", "prim.")) or label in compiled:
             continue
+        if label in art.folded:  # removed by a codegen pre-pass (the GQA repeat), with why
+            continue
         if node.op in (
             "aten.view.default",
             "aten.permute.default",
