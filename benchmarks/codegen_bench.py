@@ -234,6 +234,7 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         # Triton compiles (and "auto" times matmul tiles) at the first call: cold = both
         row["mw_cold_s"] = row["mw_compile_s"] + row["mw_first_call_s"]
         row["mw_cache"] = cm.artifacts["kernels"].cache_status
+        row["mw_precompile"] = cm._runner.precompiled
         row["mw_kernels"] = len(cm.kernels)
         row["mw_fallback_nodes"] = len(cm.artifacts["kernels"].fallbacks)
         row["mw_max_err"] = (got.float() - ref.float()).abs().max().item()
@@ -288,7 +289,8 @@ def print_table(rows: list[dict], header: str) -> None:
             v = r.get(c)
             cells.append(fmt.format(v) if v is not None else "-")
         print(" | ".join(cells))
-        for k in ("inductor", "meshweave", "mw_graphs", "mw_cache", "mw_cached_status"):
+        for k in ("inductor", "meshweave", "mw_graphs", "mw_precompile", "mw_cache",
+                  "mw_cached_status"):
             if k in r and isinstance(r[k], str) and r[k] not in ("miss", "hit"):
                 print(f"    {k}: {r[k]}")
 

@@ -159,8 +159,10 @@ class KernelsArtifact:
 
 
 class _Runner:
-    def __init__(self, call, state: list, rt, path: str):
+    def __init__(self, call, state: list, rt, path: str, has_fallbacks: bool = True):
         self.call, self.state, self.rt, self.path = call, state, rt, path
+        self.has_fallbacks = has_fallbacks
+        self.precompiled: str | None = None  # what precompile.py did before the first call
         # Kernels index parameters and buffers as contiguous; the rare strided one is copied
         # per call (not once, so that buffer mutations written back by CompiledModel count).
         self.strided = [
@@ -168,6 +170,11 @@ class _Runner:
         ]
 
     def __call__(self, leaves: list[Any]) -> list[Any]:
+        if self.precompiled is None:
+            from .precompile import precompile
+
+            self.precompiled = "running"
+            self.precompiled = precompile(self, leaves, self.has_fallbacks)
         state = self.state
         if self.strided:
             state = list(state)
@@ -290,7 +297,7 @@ def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str
     choices = os.path.join(root, f"matmul_choices_{entry.meta['device'].replace(' ', '_')}.json")
     rt = KernelRuntime(graph, interpret, config.matmul, None if interpret else choices)
     state = [graph.tensors[v.name] for v in graph.state_inputs]
-    cm._runner = _Runner(entry.module.call, state, rt, entry.path)
+    cm._runner = _Runner(entry.module.call, state, rt, entry.path, bool(fallbacks))
     cm.kernels = kernels
     with open(entry.path) as f:
         module_source = f.read()

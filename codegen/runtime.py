@@ -84,6 +84,12 @@ class MatmulChooser:
         configs = [c for c in GPU_MATMUL_CONFIGS if c[0] <= max(16, next_power_of_2(M))]
         return [TORCH, first] + [c for c in configs[:4] if c != first]
 
+    def warm_candidates(self, M: int, N: int, K: int) -> list:
+        """The configurations choose() may launch for this shape."""
+        if self.policy == "triton" or self.interpret:
+            return [self.default_config(M, N, K)]
+        return [TORCH] if self.policy == TORCH else self.candidates(M, N, K)
+
     def choose(self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None]) -> Any:
         if self.policy == "triton" or self.interpret:  # nothing to time on the interpreter
             return self.default_config(M, N, K)
@@ -145,6 +151,7 @@ class KernelRuntime:
         self._configs: dict[tuple, tuple] = {}
         self._chosen: dict[tuple, Any] = {}
         self.allow_tf32 = False
+        self.warming = False  # precompile.py: launches only compile, every matmul candidate
 
     cdiv = staticmethod(cdiv)
 
@@ -257,6 +264,10 @@ class KernelRuntime:
                 num_stages=stages,
             )
 
+        if self.warming:  # compile what "auto" will time, launch nothing (precompile.py)
+            for cfg in self.matmuls.warm_candidates(M, N, K):
+                launch(cfg)
+            return
         memo = (key, a.dtype, M, N, K)
         cfg = self._chosen.get(memo)
         if cfg is None:

@@ -498,3 +498,15 @@ def test_kernel_that_fails_to_emit_falls_back_with_reason(monkeypatch):
     reasons = {f["op"]: f["reason"] for f in cm.artifacts["kernels"].fallbacks}
     assert "simulated emitter bug" in reasons["aten.sin.default"]
     assert_close(cm(x), M()(x), 1e-6, 1e-6, "test_kernel_that_fails_to_emit_falls_back_with_reason")
+
+
+def test_kernels_precompile_in_parallel_on_the_gpu_only():
+    block, x = gpt_block()
+    cm = compile_triton(block, (x,))
+    assert cm._runner.precompiled is None
+    assert_close(cm(x), block(x), 1e-5, 1e-5, "test_kernels_precompile_in_parallel_on_the_gpu_only")
+    status = cm._runner.precompiled
+    if torch.cuda.is_available():
+        assert status.startswith("compiled "), status
+    else:
+        assert status == "skipped: the interpreter compiles nothing"
