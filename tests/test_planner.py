@@ -206,3 +206,18 @@ def test_search_not_worse_than_megatron_grid(name, mesh, spec, batch, seq):
     plan = plan_parallel(graph, mesh, spec, batch=batch, training=True, repeats=repeats)
     assert plan.search["grid_best"] is not None
     assert plan.estimate["total"] <= plan.search["grid_best"] * (1 + 1e-9)
+
+
+def test_cost_model_check_runs(tmp_path):
+    """benchmarks/cost_model_check.py --quick: calibrate, time real ops and gloo collectives,
+    print predicted / measured (the numbers live in RESULTS.md, not in assertions)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "cost_model_check.py"), "--quick"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, f"{r.stderr[-2000:]}\nrepro: {' '.join(cmd)}"
+    rows = [ln for ln in r.stdout.splitlines() if ln.endswith("x") and "ms" in ln]
+    assert len(rows) == 6 and "cases: predicted/measured" in r.stdout, r.stdout
