@@ -6,6 +6,7 @@ optimizer_shard}.py. Everything here is hardware- and graph-free: costs in, plan
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -125,6 +126,39 @@ def test_hardware_unknown_name_lists_presets():
 
 # --------------------------------------------------------------------------- collectives
 LINK = LinkSpec(latency_s=1e-5, bandwidth_Bps=1e10)
+
+
+def test_collective_efficiency_per_kind_and_its_json_round_trip(tmp_path):
+    from meshweave.passes.parallel.hardware import get_spec, load_spec, save_spec
+
+    slow_rs = LinkSpec(1e-5, 1e10, (("reduce_scatter", 0.25),))
+    nb, n = 1e8, 4
+    assert collective_time("reduce_scatter", nb, n, slow_rs) == pytest.approx(3e-5 + 0.03)
+    assert collective_time("all_gather", nb, n, slow_rs) == collective_time(
+        "all_gather", nb, n, LINK)  # kinds without a measured efficiency keep the ring model
+    spec = dataclasses.replace(get_spec("cpu"), intra_node=slow_rs)
+    save_spec(spec, tmp_path / "spec.json")
+    assert load_spec(tmp_path / "spec.json").intra_node == slow_rs
+    with pytest.raises(ValueError, match="efficiencies must be positive"):
+        LinkSpec(1e-5, 1e10, (("all_gather", 0.0),))
+
+
+def test_calibration_fit_recovers_alpha_beta_and_efficiency():
+    from meshweave.passes.parallel.calibrate import _LINK_CASES, fit_link
+
+    alpha, beta = 40e-6, 2e9  # what the "measured" times below are made of
+    times = []
+    for kind, n in _LINK_CASES:
+        b = 4 * n
+        if kind == "all_reduce":
+            times.append(2 * alpha + b / beta)
+        else:  # these two run at half and a third of the ring bandwidth
+            eff = 0.5 if kind == "all_gather" else 1 / 3
+            times.append(alpha + (b / 2) / (beta * eff))
+    link = fit_link(_LINK_CASES, times)
+    assert link.latency_s == pytest.approx(alpha, rel=1e-6)
+    assert link.bandwidth_Bps == pytest.approx(beta, rel=1e-6)
+    assert dict(link.efficiency) == pytest.approx({"all_gather": 0.5, "reduce_scatter": 1 / 3})
 
 
 def test_collective_alpha_beta_by_hand():

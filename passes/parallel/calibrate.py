@@ -53,27 +53,59 @@ def memory_capacity(device: str) -> float:
         return 16e9
 
 
-def _allreduce_worker(rank: int, world: int, port: int, sizes: list[int], out) -> None:
+# (kind, float32 elements) timed on 2 ranks: all-reduces of four sizes fit alpha and beta;
+# one large all-gather and reduce-scatter give their efficiency against the ring model.
+_LINK_CASES = [("all_reduce", 1), ("all_reduce", 1 << 14), ("all_reduce", 1 << 18),
+               ("all_reduce", 1 << 22), ("all_gather", 1 << 22), ("reduce_scatter", 1 << 22)]
+
+
+def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> None:
     import torch.distributed as dist
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     times = []
-    for n in sizes:
-        t = torch.ones(n)
-        dist.all_reduce(t)
-        t0 = time.perf_counter()
+    for kind, n in cases:
+        full, part = torch.ones(n), torch.ones(max(1, n // world))
+        op = {
+            "all_reduce": lambda: dist.all_reduce(full),
+            "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+            "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+        }[kind]
+        op()
+        samples = []
         for _ in range(5):
-            dist.all_reduce(t)
-        times.append((time.perf_counter() - t0) / 5)
+            t0 = time.perf_counter()
+            op()
+            samples.append(time.perf_counter() - t0)
+        times.append(sorted(samples)[len(samples) // 2])
     if rank == 0:
         out.put(times)
     dist.destroy_process_group()
 
 
+def fit_link(cases: list, times: list[float]) -> LinkSpec:
+    """alpha and beta by least squares over the 2-rank all-reduces (t = 2 alpha + B / beta),
+    then each other kind's efficiency: the ring model's bandwidth term over the measured one."""
+    import numpy as np
+
+    ar = [(4 * n, t) for (k, n), t in zip(cases, times) if k == "all_reduce"]
+    design = np.array([[2.0, b] for b, _ in ar])
+    (alpha, inv_beta), *_ = np.linalg.lstsq(design, np.array([t for _, t in ar]), rcond=None)
+    alpha = max(float(alpha), 1e-7)
+    beta = 1.0 / max(float(inv_beta), 1e-12)
+    eff = []
+    for (kind, n), t in zip(cases, times):
+        if kind == "all_reduce":
+            continue
+        modelled = (4 * n / 2) / beta  # (n-1)/n of the bytes at 2 ranks
+        eff.append((kind, min(2.0, max(0.05, modelled / max(t - alpha, 1e-9)))))
+    return LinkSpec(alpha, beta, tuple(eff))
+
+
 def loopback_link() -> LinkSpec:
-    """A 2-rank gloo all-reduce on 127.0.0.1: alpha from 4 bytes, beta from 16 MiB."""
+    """Collectives between 2 gloo ranks on 127.0.0.1, fitted by fit_link."""
     import socket
 
     import torch.multiprocessing as mp
@@ -83,17 +115,16 @@ def loopback_link() -> LinkSpec:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    sizes = [1, 1 << 22]
-    procs = [ctx.Process(target=_allreduce_worker, args=(r, 2, port, sizes, q)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_collective_worker, args=(r, 2, port, _LINK_CASES, q))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
-    small, large = q.get(timeout=120)
+    times = q.get(timeout=120)
     for p in procs:
         p.join(timeout=30)
-    # 2-rank all-reduce: 2 steps of alpha and (2 * (n-1)/n) = 1 times the bytes
-    alpha = max(small / 2, 1e-7)
-    beta = (4 * sizes[1]) / max(large - small, 1e-9)
-    return LinkSpec(alpha, beta)
+    return fit_link(_LINK_CASES, times)
 
 
 def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, str]:
@@ -129,5 +160,6 @@ def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, st
     lines.append(
         f"  intra-node link: {intra.latency_s * 1e6:.1f} us, "
         f"{intra.bandwidth_Bps / 1e9:.2f} GB/s ({src})"
+        + "".join(f"; {k} at {v:.2f}x the ring bandwidth" for k, v in intra.efficiency)
     )
     return spec, "\n".join(lines)

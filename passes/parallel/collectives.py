@@ -34,7 +34,7 @@ def collective_time(kind: str, nbytes: float, group_size: int, link: LinkSpec) -
     if group_size < 1:
         raise ValueError(f"collective_time: group size must be >= 1, got {group_size}")
     n = group_size
-    a, b = link.latency_s, link.bandwidth_Bps
+    a, b = link.latency_s, link.bandwidth_for(kind)
     if kind == "send_recv":
         return a + nbytes / b
     if kind not in COLLECTIVES:

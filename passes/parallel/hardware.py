@@ -33,14 +33,31 @@ def canonical_dtype(dtype: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LinkSpec:
-    """One link class: `latency_s` per message, `bandwidth_Bps` bytes/s per direction."""
+    """One link class: `latency_s` per message, `bandwidth_Bps` bytes/s per direction.
+
+    `efficiency`: (collective kind, achieved / modelled bandwidth) pairs for collectives the
+    backend does not run as a bandwidth-optimal ring (gloo's all_gather and reduce_scatter
+    reach a third of it on loopback); measured by `meshweave calibrate --comm`, 1 otherwise.
+    """
 
     latency_s: float
     bandwidth_Bps: float
+    efficiency: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.latency_s < 0 or self.bandwidth_Bps <= 0:
             raise ValueError(f"LinkSpec: need latency >= 0 and bandwidth > 0, got {self}")
+        pairs = tuple((str(k), float(v)) for k, v in self.efficiency)  # JSON gives lists
+        if any(v <= 0 for _, v in pairs):
+            raise ValueError(f"LinkSpec: collective efficiencies must be positive, got {pairs}")
+        object.__setattr__(self, "efficiency", pairs)
+
+    def bandwidth_for(self, kind: str) -> float:
+        """Bytes/s a collective of `kind` achieves per direction on this link."""
+        for k, v in self.efficiency:
+            if k == kind:
+                return self.bandwidth_Bps * v
+        return self.bandwidth_Bps
 
 
 @dataclasses.dataclass(frozen=True)
