@@ -45,15 +45,12 @@ def _collectives_worker(rank: int, world: int, cases: list[tuple[str, int]], ite
     out = []
     for kind, nbytes in cases:
         numel = nbytes // 4
-        x = torch.ones(numel)
-        if kind == "all_reduce":
-            fn = lambda: dist.all_reduce(x)  # noqa: E731
-        elif kind == "all_gather":
-            shard = torch.ones(numel // world)
-            fn = lambda: dist.all_gather_into_tensor(x, shard)  # noqa: E731
-        else:
-            shard = torch.empty(numel // world)
-            fn = lambda: dist.reduce_scatter_tensor(shard, x)  # noqa: E731
+        x, shard = torch.ones(numel), torch.ones(numel // world)
+        fn = {
+            "all_reduce": lambda x=x: dist.all_reduce(x),
+            "all_gather": lambda x=x, s=shard: dist.all_gather_into_tensor(x, s),
+            "reduce_scatter": lambda x=x, s=shard: dist.reduce_scatter_tensor(s, x),
+        }[kind]
         dist.barrier()
         out.append(_median_s(fn, iters))
     return out
@@ -87,16 +84,17 @@ def check_compute(spec, quick: bool) -> list[tuple]:
         a, b = torch.randn(m, k), torch.randn(k, n)
         flops, nbytes = 2 * m * n * k, 4 * (m * k + k * n + m * n)
         rows.append((f"matmul {m}x{k} @ {k}x{n}", "fp32", spec.compute_time(flops, nbytes),
-                     _median_s(lambda: a @ b, 5)))
+                     _median_s(lambda a=a, b=b: a @ b, 5)))
     sizes = [1 << 20] if quick else [1 << 20, 1 << 22, 1 << 24]
     for numel in sizes:
         x, y = torch.randn(numel), torch.randn(numel)
         out = torch.empty(numel)
         rows.append((f"add {numel / 2**20:.0f}M elements", "fp32",
-                     spec.compute_time(numel, 12 * numel), _median_s(lambda: torch.add(x, y, out=out), 5)))
+                     spec.compute_time(numel, 12 * numel),
+                     _median_s(lambda x=x, y=y, o=out: torch.add(x, y, out=o), 5)))
         rows.append((f"layer_norm {numel // 1024}x1024", "fp32",
                      spec.compute_time(8 * numel, 8 * numel),
-                     _median_s(lambda: torch.nn.functional.layer_norm(
+                     _median_s(lambda x=x: torch.nn.functional.layer_norm(
                          x.view(-1, 1024), (1024,)), 5)))
     return rows
 
@@ -107,7 +105,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-
     from meshweave.passes.parallel.calibrate import calibrate
 
     torch.set_num_threads(1)  # what each gloo rank has here; the spec is per device

@@ -52,9 +52,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from meshweave.models.gpt import GPT, GPTConfig
 
     import meshweave
-    from meshweave.models.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(vocab_size=512, max_seq_len=64, hidden_size=96,
                     num_layers=args.layers, num_heads=12)

@@ -227,9 +227,8 @@ def prepare_triton_backend(options=None, model=None) -> None:
 
 def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
     """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
-    from .triton_mode import device_name, ensure_triton_mode
-
     from .gqa import fold_gqa_repeats
+    from .triton_mode import device_name, ensure_triton_mode
 
     config = config or CodegenConfig()
     graph = fold_gqa_repeats(cm.graph)  # the kernels' graph: the traced one, K/V repeats folded

@@ -49,9 +49,8 @@ def precompile(runner, leaves: list[Any], has_fallbacks: bool) -> str:
         for name, k in kernels.items():
             setattr(module, name, _Warmup(k))
         runner.rt.warming = True
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            with triton.AsyncCompileMode(pool):
-                runner(leaves)
+        with ThreadPoolExecutor(max_workers=workers) as pool, triton.AsyncCompileMode(pool):
+            runner(leaves)
     except Exception as e:  # noqa: BLE001  the lazy path still works; say why it was not used
         return f"failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
     finally:

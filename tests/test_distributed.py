@@ -364,7 +364,7 @@ def test_torchrun_two_ranks_tensor_parallel_training(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "meshweave", "run", "--model", "gpt-tiny", "--mesh", "tp=2", "--train",
            "--seq", str(SEQ), "--check", "--timeout", "150"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=220)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=220, check=False)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
     assert "check passed" in r.stdout, r.stdout
     assert "1 stage(s) x mesh 1x2 (dp, tp) = 2 ranks" in r.stdout, r.stdout

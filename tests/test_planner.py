@@ -217,7 +217,8 @@ def test_cost_model_check_runs(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "benchmarks", "cost_model_check.py"), "--quick"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       check=False)
     assert r.returncode == 0, f"{r.stderr[-2000:]}\nrepro: {' '.join(cmd)}"
     rows = [ln for ln in r.stdout.splitlines() if ln.endswith("x") and "ms" in ln]
     assert len(rows) == 6 and "cases: predicted/measured" in r.stdout, r.stdout

@@ -69,9 +69,9 @@ def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> No
     for kind, n in cases:
         full, part = torch.ones(n), torch.ones(max(1, n // world))
         op = {
-            "all_reduce": lambda: dist.all_reduce(full),
-            "all_gather": lambda: dist.all_gather_into_tensor(full, part),
-            "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+            "all_reduce": lambda f=full: dist.all_reduce(f),
+            "all_gather": lambda f=full, p=part: dist.all_gather_into_tensor(f, p),
+            "reduce_scatter": lambda f=full, p=part: dist.reduce_scatter_tensor(p, f),
         }[kind]
         op()
         samples = []
