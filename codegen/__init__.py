@@ -59,7 +59,8 @@ class CodegenConfig:
         keeps cold compiles short, like Inductor's default mode; the template under the
         interpreter), "autotune" (the same against four more tiles: slower to compile, like
         max-autotune), "triton" (always the template) or "torch" (always cuBLAS + epilogue).
-        Default: $MESHWEAVE_MATMUL, else "auto".
+        Attention follows the same policy: the flash-attention kernel or torch SDPA, timed
+        once per shape on the GPU under "auto". Default: $MESHWEAVE_MATMUL, else "auto".
     fuse: fuse across ops; False emits one kernel per op (for debugging and comparisons).
     cache_dir: kernel cache root; default <MESHWEAVE_CACHE_DIR or ~/.cache/meshweave>/kernels.
     use_cache: read and write the on-disk cache.

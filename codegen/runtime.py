@@ -86,15 +86,17 @@ class MatmulChooser:
 
     def warm_candidates(self, M: int, N: int, K: int) -> list:
         """The configurations choose() may launch for this shape."""
+        if self.policy == TORCH:
+            return [TORCH]
         if self.policy == "triton" or self.interpret:
             return [self.default_config(M, N, K)]
-        return [TORCH] if self.policy == TORCH else self.candidates(M, N, K)
+        return self.candidates(M, N, K)
 
     def choose(self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None]) -> Any:
+        if self.policy == TORCH:  # cuBLAS (or the CPU's matmul) + the epilogue kernel
+            return TORCH
         if self.policy == "triton" or self.interpret:  # nothing to time on the interpreter
             return self.default_config(M, N, K)
-        if self.policy == TORCH:
-            return TORCH
         full = f"{key}|{M}x{N}x{K}|{self.policy}"
         if full in self.choices:
             return self.choices[full]
@@ -278,15 +280,33 @@ class KernelRuntime:
     def attention(
         self, kernel, q, k, v, mask=None, is_causal=False, scale=None, enable_gqa=False
     ) -> torch.Tensor:
-        return flash_attention(
-            kernel,
-            q,
-            k,
-            v,
-            mask,
-            is_causal,
-            scale,
-            enable_gqa,
-            interpret=self.interpret,
-            allow_tf32=self.allow_tf32,
-        )
+        """The flash-attention kernel, or torch SDPA where measuring on the GPU found it faster
+        for this shape (policy "auto"/"autotune"; "triton" and the interpreter: the kernel;
+        "torch": SDPA). SDPA's result is copied into the kernel's output layout, which the
+        generated code indexes."""
+
+        def ours():
+            return flash_attention(kernel, q, k, v, mask, is_causal, scale, enable_gqa,
+                                   interpret=self.interpret, allow_tf32=self.allow_tf32)
+
+        policy = self.matmuls.policy
+        if policy != TORCH and (self.interpret or policy == "triton" or self.warming):
+            return ours()
+        if policy != TORCH:
+            memo = ("attention", tuple(q.shape), tuple(k.shape), q.dtype, is_causal,
+                    None if mask is None else (mask.dtype, tuple(mask.shape)), enable_gqa)
+            choice = self._chosen.get(memo)
+            if choice is None:
+                t_ours = _time_gpu(ours)
+                t_sdpa = _time_gpu(lambda: _sdpa(q, k, v, mask, is_causal, scale, enable_gqa))
+                choice = self._chosen[memo] = "triton" if t_ours <= t_sdpa else TORCH
+            if choice == "triton":
+                return ours()
+        b, h, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+        out = torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+        return out.copy_(_sdpa(q, k, v, mask, is_causal, scale, enable_gqa))
+
+
+def _sdpa(q, k, v, mask, is_causal, scale, enable_gqa) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

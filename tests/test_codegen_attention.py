@@ -196,3 +196,20 @@ def test_folded_nodes_are_listed_in_explain():
         "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default",
         "aten.view.default", "aten.permute.default"}, art.folded
     assert "traced nodes need no kernel: K/V head repeat folded" in art.summary()
+
+
+def test_sdpa_choice_keeps_the_kernel_layout():
+    """Policy "torch": attention runs torch SDPA (what "auto" picks where it measures faster),
+    copied into the flash kernel's [B, S, H, D] storage that the generated code indexes."""
+    from meshweave.codegen import CodegenConfig, attach_triton_backend
+    from meshweave.models.gpt import Block, GPTConfig
+
+    torch.manual_seed(0)
+    block = Block(GPTConfig(hidden_size=64, num_heads=4)).to(DEVICE).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 8, 64, device=DEVICE)
+    cm = meshweave.compile(block, (x,), options=CompileOptions(backend="eager"))
+    attach_triton_backend(cm, CodegenConfig(matmul="torch"))
+    torch.testing.assert_close(cm(x), block(x), atol=2e-5, rtol=2e-5)
+    assert any(k.kind == "attention" for k in cm.kernels)
