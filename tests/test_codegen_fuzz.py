@@ -20,6 +20,12 @@ UNARY = [torch.exp, torch.tanh, torch.relu, torch.sigmoid, torch.neg, torch.abs,
          lambda t: t * 0.5 + 1.0, lambda t: torch.where(t > 0, t, t * 0.1),
          lambda t: t.clamp(-1, 1)]
 BINARY = [torch.add, torch.mul, torch.sub, torch.maximum, lambda a, b: a / (b.abs() + 1.0)]
+VIEWS = [
+    lambda a: a.transpose(-1, -2).contiguous().transpose(-1, -2) * 1.5,
+    lambda a: torch.cat([a[..., a.shape[-1] // 2:], a[..., : a.shape[-1] // 2]], dim=-1),
+    lambda a: a.flip(-1) - 0.5,
+    lambda a: a.reshape(a.shape[0], -1).reshape(a.shape) * 2.0,
+]
 
 
 class RandomProgram(torch.nn.Module):
@@ -44,13 +50,7 @@ class RandomProgram(torch.nn.Module):
                 vals.append(torch.softmax(a, dim=-1) if op == "softmax"
                             else getattr(a, op)(dim=-1, keepdim=True) + a)
             elif k < 0.85:
-                n = a.shape[-1]
-                vals.append(r.choice([
-                    lambda: a.transpose(-1, -2).contiguous().transpose(-1, -2) * 1.5,
-                    lambda: torch.cat([a[..., n // 2:], a[..., : n // 2]], dim=-1),
-                    lambda: a.flip(-1) - 0.5,
-                    lambda: a.reshape(a.shape[0], -1).reshape(a.shape) * 2.0,
-                ])())
+                vals.append(r.choice(VIEWS)(a))
             else:
                 vals.append(F.pad(a, (1, 2))[..., 1:-2] + 1.0)
         last, prev = vals[-1], vals[-2]
