@@ -36,7 +36,7 @@ from ..ir.types import ScalarType, TensorType, dtype_short
 from .flash_attention import ATTENTION
 from .indexing import VIEW_INDEX, numel, shapes_equal, to_expr
 from .kernels_reduction import REDUCTIONS, value_class
-from .lowering import LOWERINGS
+from .lowering import LOWERINGS, Pointwise
 from .matmul_template import MATMULS, domain_index, epilogue_domain
 
 KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention")
@@ -290,6 +290,10 @@ class _Scheduler:
                 shapes_equal(v.tensor_type.shape, shape) for v in internal
             )
         if g.kind == "reduction":
+            if internal and not isinstance(LOWERINGS.get(n.op), Pointwise):
+                # an indexed op (flip, cat, pad, gather) reads its input elsewhere in the row,
+                # where this kernel does not hold the value: it starts its own kernel
+                return False
             cls = value_class(g.shape, g.red_dims, shape)
             if cls is None:
                 return False

@@ -510,3 +510,20 @@ def test_kernels_precompile_in_parallel_on_the_gpu_only():
         assert status.startswith("compiled "), status
     else:
         assert status == "skipped: the interpreter compiles nothing"
+
+
+class ReductionThenIndexed(torch.nn.Module):
+    def forward(self, x):
+        s = torch.softmax(x, dim=-1)
+        return s.flip(-1) + torch.cat([s[..., 16:], s[..., :16]], dim=-1) * 2.0
+
+
+def test_indexed_consumer_of_a_reduction_gets_its_own_kernel():
+    """flip/cat read a softmax row at other positions than the reduction kernel holds: they
+    must not join it (found by the random-program fuzzer: 'computed per row but read at
+    (x0, 32 - r0)')."""
+    x = torch.randn(3, 33, device=DEVICE)
+    cm = compile_triton(ReductionThenIndexed(), (x,))
+    assert not cm.artifacts["kernels"].fallbacks, cm.artifacts["kernels"].fallbacks
+    assert_close(cm(x), ReductionThenIndexed()(x), 1e-5, 1e-5,
+                 "test_indexed_consumer_of_a_reduction_gets_its_own_kernel")
