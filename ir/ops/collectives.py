@@ -105,6 +105,29 @@ def shard_slice(x: torch.Tensor, dim: int, index: int, count: int, blocks=None) 
     return torch.cat([p.chunk(count, dim)[index] for p in pieces], dim).contiguous()
 
 
+def cut_by_spec(full: torch.Tensor, spec) -> torch.Tensor:
+    """A rank's piece of `full` by a shard spec, entries applied in order: (dim, index, count),
+    (dim, index, count, blocks) cut as shard_slice does, ("rebatch", dim, size) keeps `size`
+    rows (broadcasting a single one). Meta tensors get the piece's shape, nothing else."""
+    t = full
+    for entry in spec:
+        if entry[0] == "rebatch":
+            _, dim, size = entry
+            if t.shape[dim] >= size:
+                t = t.narrow(dim, 0, size)
+            else:
+                t = t.narrow(dim, 0, 1).expand([*t.shape[:dim], size, *t.shape[dim + 1 :]])
+            continue
+        dim, index, count = entry[:3]
+        if t.device.type == "meta":
+            shape = list(t.shape)
+            shape[dim] //= count
+            t = torch.empty(shape, dtype=t.dtype, device="meta")
+        else:
+            t = shard_slice(t, dim, index, count, entry[3] if len(entry) > 3 else None)
+    return t
+
+
 def send(x: torch.Tensor, *, dst: int, tag: int = 0):
     import torch.distributed as dist
 

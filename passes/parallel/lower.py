@@ -38,7 +38,7 @@ import torch
 from ...ir.errors import MeshweaveError
 from ...ir.graph import Graph, NameGen, Node, Value, map_values
 from ...ir.mesh import DeviceMesh
-from ...ir.ops.collectives import shard_slice
+from ...ir.ops.collectives import cut_by_spec
 from ...ir.sharding import Partial, Placement, Replicate, Shard, parse_placement
 from ...ir.types import OpaqueType, TensorType
 from ...ir.verify import verify
@@ -61,26 +61,9 @@ class LoweringError(MeshweaveError):
 
 
 def shard_tensor(full: torch.Tensor, spec: Sequence[tuple]) -> torch.Tensor:
-    """Cut `full` into a rank's piece by a `meta["shard_specs"]` entry (module docstring)."""
-    t = full
-    for entry in spec:
-        if entry[0] == "rebatch":
-            _, dim, size = entry
-            if t.shape[dim] >= size:
-                t = t.narrow(dim, 0, size)
-            else:
-                shape = list(t.shape)
-                shape[dim] = size
-                t = t.narrow(dim, 0, 1).expand(shape)
-            continue
-        dim, index, count = entry[:3]
-        blocks = entry[3] if len(entry) > 3 else None
-        if t.device.type == "meta":
-            shape = list(t.shape)
-            shape[dim] //= count
-            t = torch.empty(shape, dtype=t.dtype, device="meta")
-        else:
-            t = shard_slice(t, dim, index, count, blocks)
+    """Cut `full` into a rank's piece by a `meta["shard_specs"]` entry (module docstring),
+    as its own contiguous tensor."""
+    t = cut_by_spec(full, spec)
     return t.contiguous() if t.device.type != "meta" else t
 
 

@@ -86,22 +86,11 @@ def spec_from_placements(
 
 
 def apply_spec(full: torch.Tensor, spec: Sequence[tuple]) -> torch.Tensor:
-    """Cut `full` by a shard spec: (dim, index, count), (dim, index, count, blocks) or
-    ("rebatch", dim, size) entries (lower.py's `shard_tensor`, without its final copy)."""
-    from ...ir.ops.collectives import shard_slice
+    """Cut `full` by a shard spec (ir.ops.collectives.cut_by_spec; lower.py's `shard_tensor`
+    without its final copy)."""
+    from ...ir.ops.collectives import cut_by_spec
 
-    t = full
-    for entry in spec:
-        if entry[0] == "rebatch":
-            _, dim, size = entry
-            if t.shape[dim] >= size:
-                t = t.narrow(dim, 0, size)
-            else:
-                t = t.narrow(dim, 0, 1).expand([*t.shape[:dim], size, *t.shape[dim + 1 :]])
-            continue
-        dim, index, count = entry[:3]
-        t = shard_slice(t, dim, index, count, entry[3] if len(entry) > 3 else None)
-    return t
+    return cut_by_spec(full, spec)
 
 
 def assemble_from_specs(
