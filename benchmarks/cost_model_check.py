@@ -38,22 +38,10 @@ def _median_s(fn, iters: int) -> float:
 def _collectives_worker(rank: int, world: int, cases: list[tuple[str, int]], iters: int):
     import warnings
 
-    import torch
-    import torch.distributed as dist
+    from meshweave.passes.parallel.calibrate import time_collectives
 
     warnings.filterwarnings("ignore")
-    out = []
-    for kind, nbytes in cases:
-        numel = nbytes // 4
-        x, shard = torch.ones(numel), torch.ones(numel // world)
-        fn = {
-            "all_reduce": lambda x=x: dist.all_reduce(x),
-            "all_gather": lambda x=x, s=shard: dist.all_gather_into_tensor(x, s),
-            "reduce_scatter": lambda x=x, s=shard: dist.reduce_scatter_tensor(s, x),
-        }[kind]
-        dist.barrier()
-        out.append(_median_s(fn, iters))
-    return out
+    return time_collectives([(kind, nbytes // 4) for kind, nbytes in cases], iters)
 
 
 def check_collectives(link, quick: bool) -> list[tuple]:

@@ -183,19 +183,19 @@ class IndexPrinter(sympy.printing.str.StrPrinter):
     def _print_Rational(self, e):
         raise ValueError(f"non-integer index expression {e}")
 
-    def _print_Min(self, e):
+    def _nested(self, fn: str, e) -> str:
+        """fn(fn(a, b), c) ...: Python's and Triton's min/max both take two arguments here."""
         args = [self._print(a) for a in e.args]
         out = args[0]
         for a in args[1:]:
-            out = f"min({out}, {a})"
+            out = f"{fn}({out}, {a})"
         return out
 
+    def _print_Min(self, e):
+        return self._nested("min", e)
+
     def _print_Max(self, e):
-        args = [self._print(a) for a in e.args]
-        out = args[0]
-        for a in args[1:]:
-            out = f"max({out}, {a})"
-        return out
+        return self._nested("max", e)
 
 
 _PRINTER = IndexPrinter()

@@ -59,12 +59,12 @@ _LINK_CASES = [("all_reduce", 1), ("all_reduce", 1 << 14), ("all_reduce", 1 << 1
                ("all_reduce", 1 << 22), ("all_gather", 1 << 22), ("reduce_scatter", 1 << 22)]
 
 
-def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> None:
+def time_collectives(cases: list, iters: int = 5) -> list[float]:
+    """Median seconds of each (kind, float32 elements) collective over the default process
+    group, which this rank has joined (every rank runs the same cases)."""
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    world = dist.get_world_size()
     times = []
     for kind, n in cases:
         full, part = torch.ones(n), torch.ones(max(1, n // world))
@@ -73,13 +73,24 @@ def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> No
             "all_gather": lambda f=full, p=part: dist.all_gather_into_tensor(f, p),
             "reduce_scatter": lambda f=full, p=part: dist.reduce_scatter_tensor(p, f),
         }[kind]
-        op()
+        dist.barrier()
+        op()  # warm-up
         samples = []
-        for _ in range(5):
+        for _ in range(iters):
             t0 = time.perf_counter()
             op()
             samples.append(time.perf_counter() - t0)
         times.append(sorted(samples)[len(samples) // 2])
+    return times
+
+
+def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    times = time_collectives(cases)
     if rank == 0:
         out.put(times)
     dist.destroy_process_group()

@@ -214,7 +214,7 @@ def addmm_rule(op: OpView) -> list[AxisStrategy]:
     out.append(
         op.make({b: Shard(1), bias: _aligned(op, bias, 2, 1, op.t(b).shape[1])}, Shard(1), "col")
     )
-    if bt is not None and all(s == 1 for s in bt.shape[:-1]) or bt is None:
+    if bt is None or all(s == 1 for s in bt.shape[:-1]):
         out.append(op.make({a: Shard(1), b: Shard(0)}, P, "row"))
     return out
 
