@@ -313,6 +313,18 @@ def test_spawn_start_method():
     assert launch(_allreduce, 2, timeout_s=80, start_method="spawn") == [3.0, 3.0]
 
 
+def test_unknown_device_and_missing_gpus_are_clear_errors():
+    from meshweave.runtime.distributed.runner import check_devices
+
+    with pytest.raises(ValueError, match="unknown device 'tpu'; known: \\('cpu', 'cuda'\\)"):
+        RunSpec("gpt-tiny", device="tpu")
+    assert RunSpec("gpt-tiny").backend == "gloo"
+    assert RunSpec("gpt-tiny", device="cuda").backend == "nccl"
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(DistributedError, match=f"{have + 1} ranks need {have + 1} GPUs"):
+        check_devices(RunSpec("gpt-tiny", device="cuda", dp=have + 1), have + 1)
+
+
 @pytest.mark.timeout(60)
 def test_mesh_that_does_not_match_the_world_is_an_error(traced):
     job = prepare(
