@@ -119,8 +119,9 @@ def _gpt2_builder(gpt2_cfg, tiny: bool):
     return name, lambda: build_hf_model(gpt2_cfg)
 
 
-def build_models(tiny: bool, device: str, dtype):
-    """(name, model, make_inputs(batch, seq)) for each benchmarked model."""
+def build_models(tiny: bool, device: str, dtype, wanted: set | None = None):
+    """(name, model, make_inputs(batch, seq)) for each benchmarked model in `wanted` (all if
+    None), built one at a time so only one model is on the device at once."""
     import torch
     from meshweave.models.hf import HFModelConfig
     from meshweave.models.llama import Llama, LlamaConfig
@@ -151,7 +152,6 @@ def build_models(tiny: bool, device: str, dtype):
             ffn_hidden_size=5632,
             max_seq_len=2048,
         )
-    out = []
     gpt2_name, gpt2_make = _gpt2_builder(gpt2_cfg, tiny)
     for name, make, vocab in (
         (gpt2_name, gpt2_make, gpt2_cfg.vocab_size),
@@ -161,6 +161,8 @@ def build_models(tiny: bool, device: str, dtype):
             llama_cfg.vocab_size,
         ),
     ):
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
         torch.manual_seed(0)
         with torch.device(device):
             model = make()
@@ -171,8 +173,7 @@ def build_models(tiny: bool, device: str, dtype):
             return (torch.randint(0, vocab, (batch, seq), generator=g).to(device),)
 
         params = sum(p.numel() for p in model.parameters())
-        out.append((name, model, inputs, params))
-    return out
+        yield name, model, inputs, params
 
 
 def bench_one(name, model, inputs, batch, seq, args, device) -> dict:
@@ -200,7 +201,12 @@ def bench_one(name, model, inputs, batch, seq, args, device) -> dict:
                 row["inductor"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
         try:
-            _bench_meshweave(row, model, x, ref, args, device)
+            cm = _bench_meshweave(row, model, x, ref, args, device)
+            if args.profile and device == "cuda":
+                label = f"{name} {batch}x{seq}"
+                if "inductor_ms" in row:
+                    profile_kernels(lambda: compiled(*x), f"Inductor, {label}")
+                profile_kernels(lambda: cm(*x), f"meshweave, {label}")
         except Exception as e:  # noqa: BLE001  reported in the table, not fatal
             import traceback
 
@@ -259,6 +265,34 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
                 row["mw_graphs_ms"] = time_fn(lambda: cm3(*x), device, args.iters)
             except Exception as e:  # noqa: BLE001  reported in the table, not fatal
                 row["mw_graphs"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return cm
+
+
+def profile_kernels(fn, label: str, calls: int = 5, top: int = 15) -> None:
+    """Print the GPU kernels of `calls` calls of fn by GPU time (torch.profiler), and the sum of
+    kernel time per call: set against the measured time per call it shows how much of that is
+    the GPU working and how much is the host launching."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = list(prof.key_averages())
+        attr = ("self_device_time_total" if hasattr(events[0], "self_device_time_total")
+                else "self_cuda_time_total")
+        events = [e for e in events if getattr(e, attr) > 0]
+        total = sum(getattr(e, attr) for e in events) / calls / 1e3
+        print(f"-- {label}: {total:.3f} ms of GPU kernel time per call, top {top} kernels:")
+        for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+            print(f"   {getattr(e, attr) / calls / 1e3:8.3f} ms  x{e.count // calls:<3} "
+                  f"{e.key[:100]}")
+    except Exception as e:  # noqa: BLE001  a profile is an extra, never fatal
+        print(f"-- {label}: profile failed: {type(e).__name__}: {e}")
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -302,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-inductor", action="store_true", help="do not run torch.compile")
     p.add_argument("--models", default="all", help="comma list: gpt2,llama (default all)")
     p.add_argument("--shapes", default=None, help="comma list of BxS, e.g. 1x128,8x512")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: print each compiled model's top kernels by GPU time")
     p.add_argument("--json", default=None, help="write the result rows to this file")
     p.add_argument("--matmul", default=None, choices=["auto", "autotune", "triton", "torch"],
                    help="meshweave's matmul policy (sets MESHWEAVE_MATMUL; default auto)")
@@ -323,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = None if args.models == "all" else set(args.models.split(","))
     rows = []
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
-    for name, model, inputs, params in build_models(args.tiny, device, dtype):
-        if wanted and not any(name.startswith(w) for w in wanted):
-            continue
+    for name, model, inputs, params in build_models(args.tiny, device, dtype, wanted):
         for batch, seq in shapes:
             row = bench_one(name, model, inputs, batch, seq, args, device)
             row["params"] = params

@@ -8,7 +8,8 @@
 # meshweave is imported from this checkout (meshweave/__init__.py maps the component folders),
 # pytest comes from the carried .gpu_site when the box has none. Steps run in order of value,
 # each under its own time limit, logs under $OUT (or ./gpu_out); a failing step does not stop
-# the others. The limits add up to 540 s, under the 600 s of one device call.
+# the others. Each step has its own limit, and all of them a deadline of TOTAL_S (585 s),
+# under the 600 s of one device call.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -29,9 +30,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST_PATH=""
 python -c "import pytest" 2>/dev/null || PYTEST_PATH="$PWD/.gpu_site"
 
+DEADLINE=$(($(date +%s) + ${TOTAL_S:-585}))  # the whole run, under the device call's 600 s
+
 step() {  # step NAME LIMIT_S CMD...: run, log to $OUT/NAME.log, print the tail
-    local name=$1 limit=$2 t0 rc
+    local name=$1 limit=$2 t0 rc left
     shift 2
+    left=$((DEADLINE - $(date +%s)))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then echo "== $name: skipped, no time left"; return; fi
     t0=$(date +%s)
     echo "== $name (limit ${limit}s): $*"
     timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -43,21 +49,25 @@ step() {  # step NAME LIMIT_S CMD...: run, log to $OUT/NAME.log, print the tail
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
     python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__,
     triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"'
-# 1. the issue's benchmark, GPT-2 small at 1x128 and 8x512 (eager, Inductor, meshweave)
-step bench_gpt2 200 python benchmarks/codegen_bench.py --models gpt2 --json "$OUT/bench_gpt2.json"
+# 1. the issue's benchmark, GPT-2 small at 1x128 and 8x512 (eager, Inductor, meshweave), with
+#    each compiled model's top kernels by GPU time (the log) to work on after the session
+step bench_gpt2 210 python benchmarks/codegen_bench.py --models gpt2 --profile \
+    --json "$OUT/bench_gpt2.json"
 # 2. the codegen tests, compiled by Triton for the GPU instead of interpreted
-step tests_codegen 110 env PYTHONPATH="$PYTHONPATH${PYTEST_PATH:+:$PYTEST_PATH}" \
-    python -m pytest -q -x -p no:cacheprovider tests/test_codegen.py \
+step tests_codegen 100 env PYTHONPATH="$PYTHONPATH${PYTEST_PATH:+:$PYTEST_PATH}" \
+    python -m pytest -q --maxfail=5 -rf -p no:cacheprovider tests/test_codegen.py \
     tests/test_codegen_attention.py tests/test_codegen_units.py tests/test_codegen_cache.py
 # 3. the ~1.1B Llama at 1x128 only (8x512 doubles the time)
-step bench_llama 140 python benchmarks/codegen_bench.py --models llama --shapes 1x128 \
-    --json "$OUT/bench_llama.json"
-# 4. the runtime on CUDA tensors with NCCL (one GPU: one rank; 2+ GPUs: tensor parallel)
+step bench_llama 150 python benchmarks/codegen_bench.py --models llama --shapes 1x128 \
+    --profile --json "$OUT/bench_llama.json"
+# 4. the planner's cost model (roofline) against this GPU: fp16 GEMMs, adds, layer norms
+step cost_model 40 python benchmarks/cost_model_check.py
+# 5. the runtime on CUDA tensors with NCCL (one GPU: one rank; 2+ GPUs: tensor parallel)
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-    step nccl_run 60 python -m meshweave run --model gpt-tiny --mesh tp=2 --device cuda \
+    step nccl_run 40 python -m meshweave run --model gpt-tiny --mesh tp=2 --device cuda \
         --train --check
 else
-    step nccl_run 60 python -m meshweave run --model gpt-tiny --mesh 1 --plan dp --device cuda \
+    step nccl_run 40 python -m meshweave run --model gpt-tiny --mesh 1 --plan dp --device cuda \
         --train --check
 fi
 echo "== done; logs in $OUT"
