@@ -16,7 +16,9 @@ again with the cache warm and the generated module re-imported; Inductor's is it
 and the max abs error of the logits against eager. On a GPU it also times the same kernels
 replayed from a CUDA graph (CompileOptions(cuda_graphs=True), column mw_graphs_ms): that is
 the counterpart of Inductor's reduce-overhead mode, which is not run here, so compare it with
-the Inductor column only as "what each project offers", not mode for mode.
+the Inductor column only as "what each project offers", not mode for mode. Column
+mw_jit_launch_ms times the same kernels launched through Triton's JIT dispatch
+(MESHWEAVE_FAST_LAUNCH=0) instead of their compiled launchers (codegen/fast_launch.py).
 
 No network access is needed: all weights are random. --tiny shrinks everything so the script
 runs on a CPU under the Triton interpreter (TRITON_INTERPRET is set before triton loads).
@@ -247,14 +249,23 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         row["mw_ms"] = time_fn(lambda: cm(*x), device, args.iters)
 
         # Cached: same graph again; drop the imported module so it is re-imported from disk.
-        for mod in [m for m in sys.modules if m.startswith("meshweave_kernels_")]:
-            del sys.modules[mod]
+        _drop_generated_modules()
         t0 = time.perf_counter()
         cm2 = meshweave.compile(model, x, options=opts)
         cm2(*x)
         _sync(device)
         row["mw_cached_compile_s"] = time.perf_counter() - t0
         row["mw_cached_status"] = cm2.artifacts["kernels"].cache_status
+        if device == "cuda":  # the same kernels launched through Triton's JIT dispatch
+            _drop_generated_modules()
+            os.environ["MESHWEAVE_FAST_LAUNCH"] = "0"
+            try:
+                cm_jit = meshweave.compile(model, x, options=opts)
+                cm_jit(*x)
+                row["mw_jit_launch_ms"] = time_fn(lambda: cm_jit(*x), device, args.iters)
+            finally:
+                del os.environ["MESHWEAVE_FAST_LAUNCH"]
+                _drop_generated_modules()
         if device == "cuda":  # the same kernels replayed from a CUDA graph (cuda_graphs=True)
             try:
                 cm3 = meshweave.compile(model, x, options=opts.replace(cuda_graphs=True))
@@ -266,6 +277,12 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
             except Exception as e:  # noqa: BLE001  reported in the table, not fatal
                 row["mw_graphs"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     return cm
+
+
+def _drop_generated_modules() -> None:
+    """Forget imported generated modules: the next compile imports its module afresh."""
+    for mod in [m for m in sys.modules if m.startswith("meshweave_kernels_")]:
+        del sys.modules[mod]
 
 
 def profile_kernels(fn, label: str, calls: int = 5, top: int = 15) -> None:
@@ -306,6 +323,7 @@ def print_table(rows: list[dict], header: str) -> None:
         ("mw_ms", "{:.3f}"),
         ("mw_vs_inductor", "{:.2f}x"),
         ("mw_graphs_ms", "{:.3f}"),
+        ("mw_jit_launch_ms", "{:.3f}"),
         ("inductor_compile_s", "{:.1f}"),
         ("mw_compile_s", "{:.1f}"),
         ("mw_first_call_s", "{:.1f}"),

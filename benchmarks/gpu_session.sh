@@ -8,8 +8,8 @@
 # meshweave is imported from this checkout (meshweave/__init__.py maps the component folders),
 # pytest comes from the carried .gpu_site when the box has none. Steps run in order of value,
 # each under its own time limit, logs under $OUT (or ./gpu_out); a failing step does not stop
-# the others. Each step has its own limit, and all of them a deadline of TOTAL_S (585 s),
-# under the 600 s of one device call.
+# the others (SKIP="cost_model nccl_run" leaves those out). Each step has its own limit, and
+# all of them a deadline of TOTAL_S (585 s), under the 600 s of one device call.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,7 @@ DEADLINE=$(($(date +%s) + ${TOTAL_S:-585}))  # the whole run, under the device c
 step() {  # step NAME LIMIT_S CMD...: run, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2 t0 rc left
     shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)"; return ;; esac
     left=$((DEADLINE - $(date +%s)))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 10 ]; then echo "== $name: skipped, no time left"; return; fi
@@ -56,9 +57,10 @@ step bench_gpt2 210 python benchmarks/codegen_bench.py --models gpt2 --profile \
 # 2. the codegen tests, compiled by Triton for the GPU instead of interpreted
 step tests_codegen 100 env PYTHONPATH="$PYTHONPATH${PYTEST_PATH:+:$PYTEST_PATH}" \
     python -m pytest -q --maxfail=5 -rf -p no:cacheprovider tests/test_codegen.py \
-    tests/test_codegen_attention.py tests/test_codegen_units.py tests/test_codegen_cache.py
-# 3. the ~1.1B Llama at 1x128 only (8x512 doubles the time)
-step bench_llama 150 python benchmarks/codegen_bench.py --models llama --shapes 1x128 \
+    tests/test_codegen_attention.py tests/test_codegen_units.py tests/test_codegen_cache.py \
+    tests/test_codegen_fast_launch.py tests/test_codegen_causal_mask.py
+# 3. the ~1.1B Llama at 1x128 and 8x512
+step bench_llama 170 python benchmarks/codegen_bench.py --models llama --shapes 1x128,8x512 \
     --profile --json "$OUT/bench_llama.json"
 # 4. the planner's cost model (roofline) against this GPU: fp16 GEMMs, adds, layer norms
 step cost_model 40 python benchmarks/cost_model_check.py

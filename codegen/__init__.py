@@ -228,11 +228,13 @@ def prepare_triton_backend(options=None, model=None) -> None:
 
 def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
     """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
+    from .causal_mask import fold_causal_masks
     from .gqa import fold_gqa_repeats
     from .triton_mode import device_name, ensure_triton_mode
 
     config = config or CodegenConfig()
-    graph = fold_gqa_repeats(cm.graph)  # the kernels' graph: the traced one, K/V repeats folded
+    # the kernels' graph: the traced one with K/V repeats and constant causal masks folded
+    graph = fold_causal_masks(fold_gqa_repeats(cm.graph))
     interpret = ensure_triton_mode(_on_cuda(graph))
     from .cache import STATS, CorruptEntry, KernelCache, cache_key
     from .wrapper import generate_module
@@ -268,6 +270,7 @@ def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
 
 
 def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str, key: str) -> None:
+    from . import fast_launch
     from .runtime import KernelRuntime
 
     nodes = graph.nodes
@@ -296,6 +299,8 @@ def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str
     ]
     choices = os.path.join(root, f"matmul_choices_{entry.meta['device'].replace(' ', '_')}.json")
     rt = KernelRuntime(graph, interpret, config.matmul, None if interpret else choices)
+    if not interpret and env.fast_launch():
+        fast_launch.install(entry.module)
     state = [graph.tensors[v.name] for v in graph.state_inputs]
     cm._runner = _Runner(entry.module.call, state, rt, entry.path, bool(fallbacks))
     cm.kernels = kernels

@@ -138,6 +138,17 @@ def is_bare(members: list[Node], anchor: Node, outputs: list[Value]) -> bool:
     return members == [anchor] and ops.bias is None and ops.alpha == 1.0
 
 
+def bias_only(members: list[Node], anchor: Node, outputs: list[Value]) -> Value | None:
+    """The bias of a 2-D matmul whose only epilogue is its own vector bias (a linear layer
+    with nothing fused): cuBLAS adds it in its own epilogue (torch.addmm), no extra kernel."""
+    ops = MATMULS.get(anchor.op).operands(anchor)
+    if (members != [anchor] or ops.batched or ops.bias is None or ops.alpha != 1.0
+            or ops.beta != 1.0 or ops.bias.tensor_type.rank != 1
+            or outputs != [anchor.outputs[0]]):
+        return None
+    return ops.bias
+
+
 def epilogue_axes(ops: MatmulOperands, rank: int) -> list[Axis]:
     """The epilogue's tile axes over a domain of `rank` dims: m walks all but the last."""
     if ops.batched:

@@ -40,10 +40,12 @@ def precompile(runner, leaves: list[Any], has_fallbacks: bool) -> str:
     import triton
     from triton.runtime.jit import JITFunction
 
+    from .fast_launch import FastLaunch
+
     if not hasattr(triton, "AsyncCompileMode"):
         return f"skipped: triton {triton.__version__} has no AsyncCompileMode"
     module = sys.modules[runner.call.__module__]
-    kernels = {k: v for k, v in vars(module).items() if isinstance(v, JITFunction)}
+    kernels = {k: v for k, v in vars(module).items() if isinstance(v, (JITFunction, FastLaunch))}
     workers = max(1, min(len(kernels) * 2, os.cpu_count() or 1, 32))
     try:
         for name, k in kernels.items():

@@ -22,18 +22,31 @@ import torch
 
 from ..ir.graph import Graph, Node
 from ..runtime.reference import run_node
+from .fast_launch import current_raw_stream, set_stream
 from .flash_attention import flash_attention
 
 TORCH = "torch"
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on the GPU.
-GPU_MATMUL_CONFIGS = [
+GPU_MATMUL_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), big tiles first
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 3),
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
-    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 4),
     (32, 64, 64, 4, 4),
     (16, 64, 64, 4, 3),
 ]
+# Programs that fill the GPU: a tile is only as large as still gives this many programs
+# (H100/H200 have 132 SMs); smaller grids leave SMs idle for the whole kernel.
+FILL_PROGRAMS = 128
+# Shared memory a tile may use for its pipelined A and B blocks (A100: 164 KiB per SM).
+SMEM_BUDGET = 160 * 1024
+
+
+def smem_bytes(cfg: tuple, itemsize: int) -> int:
+    bm, bn, bk, _, stages = cfg
+    return (bm * bk + bk * bn) * itemsize * stages
 
 
 def next_power_of_2(n: int) -> int:
@@ -64,43 +77,54 @@ class MatmulChooser:
             except (OSError, ValueError):
                 self.choices = {}  # a damaged choice file is only a lost measurement
 
-    def default_config(self, M: int, N: int, K: int) -> tuple:
+    def default_config(self, M: int, N: int, K: int, itemsize: int = 4) -> tuple:
         """The one template tile for a shape: "triton" uses it, "auto" measures it vs cuBLAS."""
         def tile(n, cap):
             return min(cap, max(16, next_power_of_2(n)))
 
         if self.interpret:  # big tiles: fewer interpreted programs (numpy does the work)
             return (tile(M, 256), tile(N, 256), tile(K, 256), 4, 1)
-        if M >= 128 and N >= 128:
-            return (128, 128, 32, 8, 3)
         if M <= 32:  # decode-like: skinny M, wide K tiles
             return (tile(M, 32), 64, 64, 4, 3)
-        return (64, 128, 32, 4, 4)
+        return self.fitting(M, N, itemsize)[0]
 
-    def candidates(self, M: int, N: int, K: int) -> list:
-        first = self.default_config(M, N, K)
-        if self.policy != "autotune":
-            return [TORCH, first]
-        configs = [c for c in GPU_MATMUL_CONFIGS if c[0] <= max(16, next_power_of_2(M))]
-        return [TORCH, first] + [c for c in configs[:4] if c != first]
+    @staticmethod
+    def fitting(M: int, N: int, itemsize: int = 4) -> list:
+        """GPU tiles no taller than M whose blocks fit SMEM_BUDGET at this element size,
+        largest first, from the first that still fills the GPU (FILL_PROGRAMS programs; else
+        the smallest)."""
+        tiles = [c for c in GPU_MATMUL_CONFIGS if c[0] <= max(16, next_power_of_2(M))
+                 and smem_bytes(c, itemsize) <= SMEM_BUDGET]
+        for i, (bm, bn, *_) in enumerate(tiles):
+            if cdiv(M, bm) * cdiv(N, bn) >= FILL_PROGRAMS:
+                return tiles[i:]
+        return tiles[-1:]
 
-    def warm_candidates(self, M: int, N: int, K: int) -> list:
+    def candidates(self, M: int, N: int, K: int, itemsize: int = 4) -> list:
+        """cuBLAS and the template tiles "auto" (two) or "autotune" (five) times."""
+        first = self.default_config(M, N, K, itemsize)
+        rest = [c for c in self.fitting(M, N, itemsize) if c != first]
+        return [TORCH, first] + rest[: 4 if self.policy == "autotune" else 1]
+
+    def warm_candidates(self, M: int, N: int, K: int, itemsize: int = 4) -> list:
         """The configurations choose() may launch for this shape."""
         if self.policy == TORCH:
             return [TORCH]
         if self.policy == "triton" or self.interpret:
-            return [self.default_config(M, N, K)]
-        return self.candidates(M, N, K)
+            return [self.default_config(M, N, K, itemsize)]
+        return self.candidates(M, N, K, itemsize)
 
-    def choose(self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None]) -> Any:
+    def choose(
+        self, key: str, M: int, N: int, K: int, launch: Callable[[Any], None], itemsize: int = 4
+    ) -> Any:
         if self.policy == TORCH:  # cuBLAS (or the CPU's matmul) + the epilogue kernel
             return TORCH
         if self.policy == "triton" or self.interpret:  # nothing to time on the interpreter
-            return self.default_config(M, N, K)
+            return self.default_config(M, N, K, itemsize)
         full = f"{key}|{M}x{N}x{K}|{self.policy}"
         if full in self.choices:
             return self.choices[full]
-        best = min(self.candidates(M, N, K), key=lambda c: _time_gpu(lambda: launch(c)))
+        best = min(self.candidates(M, N, K, itemsize), key=lambda c: _time_gpu(lambda: launch(c)))
         with self._lock:
             self.choices[full] = best
             self._save()
@@ -117,6 +141,10 @@ class MatmulChooser:
 
 
 def _time_gpu(fn: Callable[[], None], reps: int = 10) -> float:
+    """Milliseconds of GPU time per call of fn. The GPU first spins for about a millisecond
+    while the host queues the calls, so the events time the kernels back to back, not the
+    host launching them (at small shapes the host is slower than the kernels, and a host-bound
+    timing would rank candidates by their launch overhead)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -126,6 +154,7 @@ def _time_gpu(fn: Callable[[], None], reps: int = 10) -> float:
         return float("inf")
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)  # ~1 ms at H100/H200 clocks
     start.record()
     for _ in range(reps):
         fn()
@@ -160,6 +189,8 @@ class KernelRuntime:
     def begin_call(self) -> None:
         """Read the settings a call depends on, once per call of the generated module."""
         self.allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        if not self.interpret:
+            set_stream(current_raw_stream())
 
     # --- nodes that were not compiled -----------------------------------------------------------
     def run_node(self, index: int, values: Sequence[Any]) -> list[Any]:
@@ -222,10 +253,12 @@ class KernelRuntime:
         syms: Sequence[int],
         batch: int = 1,
         direct_out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         """out = epilogue(a @ b), by the template or by torch.matmul + the epilogue kernel.
 
-        `direct_out` is the output buffer when nothing is fused (then cuBLAS writes it).
+        `direct_out` is the output buffer when nothing is fused but, optionally, a vector
+        `bias` (then cuBLAS writes it, adding the bias in its own epilogue).
         """
         tf32 = self.allow_tf32 or a.dtype != torch.float32
         squeeze = batch == 1 and a.dim() == 2
@@ -233,7 +266,11 @@ class KernelRuntime:
         def launch(cfg) -> None:
             if cfg == TORCH:
                 if direct_out is not None:
-                    torch.matmul(a, b, out=direct_out.view((M, N) if squeeze else (batch, M, N)))
+                    out = direct_out.view((M, N) if squeeze else (batch, M, N))
+                    if bias is not None:
+                        torch.addmm(bias, a, b, out=out)
+                    else:
+                        torch.matmul(a, b, out=out)
                     return
                 acc = torch.matmul(a, b)
                 grid = (cdiv(M, 64), cdiv(N, 64), batch)
@@ -267,13 +304,14 @@ class KernelRuntime:
             )
 
         if self.warming:  # compile what "auto" will time, launch nothing (precompile.py)
-            for cfg in self.matmuls.warm_candidates(M, N, K):
+            for cfg in self.matmuls.warm_candidates(M, N, K, a.element_size()):
                 launch(cfg)
             return
         memo = (key, a.dtype, M, N, K)
         cfg = self._chosen.get(memo)
         if cfg is None:
-            cfg = self._chosen[memo] = self.matmuls.choose(f"{key}|{a.dtype}", M, N, K, launch)
+            cfg = self._chosen[memo] = self.matmuls.choose(
+                f"{key}|{a.dtype}", M, N, K, launch, a.element_size())
         launch(cfg)
 
     # --- attention ------------------------------------------------------------------------------
@@ -302,9 +340,12 @@ class KernelRuntime:
                 choice = self._chosen[memo] = "triton" if t_ours <= t_sdpa else TORCH
             if choice == "triton":
                 return ours()
+        got = _sdpa(q, k, v, mask, is_causal, scale, enable_gqa)
+        if got.permute(0, 2, 1, 3).is_contiguous():  # already the kernel's layout (cuDNN)
+            return got
         b, h, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         out = torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
-        return out.copy_(_sdpa(q, k, v, mask, is_causal, scale, enable_gqa))
+        return out.copy_(got)
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, enable_gqa) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .flash_attention import FLASH_ATTENTION_SOURCE, parse_sdpa
 from .indexing import contiguous_strides, pexpr, to_expr
 from .kernels_pointwise import KernelSource, emit_pointwise, interpreter_loops
 from .kernels_reduction import emit_reduction
-from .matmul_template import MATMULS, emit_matmul, is_bare
+from .matmul_template import MATMULS, bias_only, emit_matmul, is_bare
 from .memory_plan import plan_reuse
 from .schedule import Group, Schedule, kernel_name, schedule
 from .tvalues import CodegenError
@@ -376,16 +376,18 @@ class _Wrapper:
         if not ops.batched:
             a = f"{a}.reshape({sizes['M']}, {sizes['K']})" if ops.a.tensor_type.rank != 2 else a
             b = f"{b}.t()" if ops.b_is_nk else b
-        direct = "None"
+        direct, bias = "None", ""
         if is_bare(g.nodes, g.anchor, g.outputs) and g.outputs == [g.anchor.outputs[0]]:
             direct = self.names[g.outputs[0]]
+        elif (vec := bias_only(g.nodes, g.anchor, g.outputs)) is not None:
+            direct, bias = self.names[g.outputs[0]], f", bias={self.real(vec)}"
         io = self.kernel_args(template)
         syms = "".join(s.name + ", " for s in template.symbols)
         tag = hashlib.sha256("\n".join(template.body).encode()).hexdigest()[:12]
         self.emit(
             f"rt.matmul({names[0]}, {names[1]}, {tag!r}, {a}, {b}, "
             f"({''.join(x + ', ' for x in io)}), {sizes['M']}, {sizes['N']}, "
-            f"{sizes['K']}, ({syms}), batch={sizes['batch']}, direct_out={direct})"
+            f"{sizes['K']}, ({syms}), batch={sizes['batch']}, direct_out={direct}{bias})"
         )
         self.record(g, names[0], self.defs_text(names[0]) + "\n" + self.defs_text(names[1]))
 

@@ -8,6 +8,8 @@ MESHWEAVE_CHECKPOINT_DIR  where `meshweave run` writes the weight checkpoint tha
                        their shards from (default: a temp dir; must be shared across nodes).
 MESHWEAVE_MATMUL       the Triton backend's matmul policy when CodegenConfig does not name one:
                        auto (default), autotune, triton or torch (see codegen.CodegenConfig).
+MESHWEAVE_FAST_LAUNCH  0: launch every generated Triton kernel through triton's JIT dispatch
+                       instead of its compiled launcher (codegen/fast_launch.py; default 1).
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
                        set by torchrun; runtime/distributed/launch.py reads them to run as one
                        rank of an externally launched job (and sets them for its own ranks).
@@ -36,3 +38,7 @@ def matmul_policy() -> str:
 
 def checkpoint_dir() -> str | None:
     return os.environ.get("MESHWEAVE_CHECKPOINT_DIR") or None
+
+
+def fast_launch() -> bool:
+    return os.environ.get("MESHWEAVE_FAST_LAUNCH", "1") != "0"

@@ -126,7 +126,7 @@ def test_gpt_tiny_kernel_count():
     from meshweave.models import build_model
 
     model, (ids,) = build_model("gpt-tiny", batch=1, seq=8)
-    cm = compile_triton(model, (ids,))
+    cm = compile_triton(model.to(DEVICE), (ids.to(DEVICE),))
     # 7 per block, except that each block's first LayerNorm shares the previous residual add
     # (or the embedding sum) kernel: 1 (emb + LN) + 6 + 7 + (add + ln_f) + lm_head = 16.
     assert len(cm.kernels) == 16, [k.name for k in cm.kernels]
@@ -196,6 +196,20 @@ def test_matmul_epilogue(variant, dtype):
     else:
         ref32 = model.float()(x.float(), res.float())
         assert_no_worse_than_eager(got, model.half()(x, res), ref32, test)
+
+
+@pytest.mark.parametrize("variant", ["triton", "torch"])
+def test_linear_bias_only_goes_to_cublas_epilogue(variant):
+    """A linear layer with nothing fused: cuBLAS (torch.addmm) adds the bias itself."""
+    test = f"test_linear_bias_only_goes_to_cublas_epilogue[{variant}]"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(48, 80).to(DEVICE)
+    x = torch.randn(3, 7, 48, device=DEVICE)
+    cm = meshweave.compile(model, (x,), options=CompileOptions(backend="eager"))
+    attach_triton_backend(cm, CodegenConfig(matmul=variant))
+    src = cm.artifacts["kernels"].module_source
+    assert "bias=arg_p_bias" in src and "direct_out=buf_" in src, src[src.find("rt.matmul"):]
+    assert_close(cm(x), model(x), 1e-5, 1e-5, test)
 
 
 def test_bmm_and_addmm_template():
@@ -321,7 +335,7 @@ class Pointwise(torch.nn.Module):
             + torch.erf(x)
             + F.softplus(x)
         )
-        h = x.unsqueeze(0).expand(2, 5, 7).reshape(10, 7)[3:8] * 3 + torch.arange(7)
+        h = x.unsqueeze(0).expand(2, 5, 7).reshape(10, 7)[3:8] * 3 + torch.arange(7, device=x.device)
         return a, b, c, d, e, f, g, h, x.to(torch.float16).to(torch.float32), F.hardswish(x)
 
 
@@ -439,6 +453,7 @@ def test_dynamic_batch_and_seq():
     from meshweave.models import build_model
 
     model, (ids,) = build_model("llama-tiny", batch=2, seq=8)
+    model, ids = model.to(DEVICE), ids.to(DEVICE)
     dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=32)}
     cm = meshweave.compile(
         model, (ids,), dynamic_shapes=(dims,), options=CompileOptions(backend="triton")

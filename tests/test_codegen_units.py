@@ -113,11 +113,18 @@ def test_matmul_policies_and_their_candidates(monkeypatch, tmp_path):
 
     auto = MatmulChooser("auto", interpret=False, path=None)
     tune = MatmulChooser("autotune", interpret=False, path=None)
-    # auto: cuBLAS against one tile per shape (one template compile per kernel)
-    assert auto.candidates(128, 768, 768) == [TORCH, (128, 128, 32, 8, 3)]
+    # auto: cuBLAS against the largest tile that still fills the GPU and the next one down
+    assert auto.candidates(4096, 768, 3072, itemsize=2) == [
+        TORCH, (128, 128, 64, 8, 3), (128, 128, 32, 8, 3)]
+    assert auto.candidates(4096, 50257, 768, itemsize=2)[1] == (128, 256, 64, 8, 3)
+    # fp32 blocks of (128, 128, 64) in 3 stages need 192 KiB of shared memory: not offered
+    assert auto.candidates(4096, 768, 3072, itemsize=4) == [
+        TORCH, (128, 128, 32, 8, 3), (128, 64, 32, 4, 4)]
+    # a small output: no tile fills the GPU, so the smallest (cuBLAS may still win)
+    assert auto.candidates(128, 768, 768, itemsize=2) == [TORCH, (16, 64, 64, 4, 3)]
     assert auto.candidates(8, 768, 768) == [TORCH, (16, 64, 64, 4, 3)]
     many = tune.candidates(512, 3072, 768)
-    assert many[:2] == auto.candidates(512, 3072, 768) and len(many) >= 4
+    assert many[:3] == auto.candidates(512, 3072, 768) and len(many) >= 5
     assert len(set(many)) == len(many)
     # nothing is timed under the interpreter, whatever the policy
     calls = []
