@@ -13,12 +13,19 @@ time over --iters runs (CUDA events on the GPU, perf_counter otherwise), the rat
 compile times (meshweave cold: compile() plus the first call, where Triton compiles the kernels
 and matmul tiles are timed, with an empty kernel cache dir; cached: the same graph compiled
 again with the cache warm and the generated module re-imported; Inductor's is its first call)
-and the max abs error of the logits against eager. On a GPU it also times the same kernels
-replayed from a CUDA graph (CompileOptions(cuda_graphs=True), column mw_graphs_ms): that is
-the counterpart of Inductor's reduce-overhead mode, which is not run here, so compare it with
-the Inductor column only as "what each project offers", not mode for mode. Column
-mw_jit_launch_ms times the same kernels launched through Triton's JIT dispatch
-(MESHWEAVE_FAST_LAUNCH=0) instead of their compiled launchers (codegen/fast_launch.py).
+and the max abs error of the logits against eager. mw_ms is meshweave as compiled by default:
+on a GPU that replays the kernels from a CUDA graph (CompileOptions(cuda_graphs=None) turns
+graphs on for static-shape inference with every node in a kernel). On a GPU the script also
+times, so that every comparison is mode for mode as well:
+  mw_nographs_ms     the same kernels launched from Python every call (cuda_graphs=False),
+                     against Inductor's default mode (inductor_ms);
+  inductor_graphs_ms torch.compile(mode="reduce-overhead") (--inductor-graphs), Inductor's
+                     CUDA-graph mode, against meshweave's default;
+  mw_jit_launch_ms   no graphs, kernels launched through Triton's JIT dispatch
+                     (MESHWEAVE_FAST_LAUNCH=0) instead of their compiled launchers;
+  *_host_ms          the host's time to issue one call: near the call's time, the call is
+                     bound by the host, not the GPU.
+--profile prints each compiled model's top kernels by GPU time (meshweave without graphs).
 
 No network access is needed: all weights are random. --tiny shrinks everything so the script
 runs on a CPU under the Triton interpreter (TRITON_INTERPRET is set before triton loads).
@@ -199,9 +206,24 @@ def bench_one(name, model, inputs, batch, seq, args, device) -> dict:
                 row["inductor_compile_s"] = time.perf_counter() - t0
                 row["inductor_ms"] = time_fn(lambda: compiled(*x), device, args.iters)
                 row["inductor_max_err"] = (got.float() - ref.float()).abs().max().item()
+                if device == "cuda":
+                    row["inductor_host_ms"] = host_ms(lambda: compiled(*x), args.iters)
             except Exception as e:  # noqa: BLE001  reported in the table, not fatal
                 row["inductor"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
+        if device == "cuda" and args.inductor_graphs:  # Inductor's CUDA-graph mode
+            try:
+                torch._dynamo.reset()
+                ro = torch.compile(model, mode="reduce-overhead")
+                t0 = time.perf_counter()
+                got = _first_tensor(ro(*x)).clone()
+                _sync(device)
+                row["inductor_graphs_compile_s"] = time.perf_counter() - t0
+                row["inductor_graphs_ms"] = time_fn(lambda: ro(*x), device, args.iters)
+                row["inductor_graphs_max_err"] = (got.float() - ref.float()).abs().max().item()
+                del ro
+            except Exception as e:  # noqa: BLE001  reported in the table, not fatal
+                row["inductor_graphs"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
         try:
             cm = _bench_meshweave(row, model, x, ref, args, device)
             if args.profile and device == "cuda":
@@ -216,14 +238,21 @@ def bench_one(name, model, inputs, batch, seq, args, device) -> dict:
             row["meshweave"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if "inductor_ms" in row and "mw_ms" in row:
         row["mw_vs_inductor"] = row["mw_ms"] / row["inductor_ms"]
+    if "inductor_ms" in row and "mw_nographs_ms" in row:
+        row["nographs_vs_inductor"] = row["mw_nographs_ms"] / row["inductor_ms"]
+    if "inductor_graphs_ms" in row and "mw_ms" in row:
+        row["mw_vs_inductor_graphs"] = row["mw_ms"] / row["inductor_graphs_ms"]
     if "inductor_compile_s" in row and "mw_cold_s" in row:
         row["cold_vs_inductor"] = row["mw_cold_s"] / row["inductor_compile_s"]
     return row
 
 
-def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
-    """Cold compile (empty cache), first call, timing, then a cached compile."""
+def _bench_meshweave(row: dict, model, x, ref, args, device):
+    """Cold compile (empty cache), first call, timing, a cached compile; on the GPU also the
+    same kernels without CUDA graphs and with Triton's JIT launches. Returns the compiled
+    model without graphs (what the kernel profile reads) or the default one."""
     import torch
+    from meshweave.codegen.cuda_graphs import CudaGraphRunner
 
     import meshweave
     from meshweave import CompileOptions
@@ -231,7 +260,7 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
     with torch.no_grad():
         cache_dir = tempfile.mkdtemp(prefix="mw_bench_cache_")
         os.environ["MESHWEAVE_CACHE_DIR"] = cache_dir
-        opts = CompileOptions(backend="triton", verify=False)
+        opts = CompileOptions(backend="triton", verify=False)  # cuda_graphs: the default
         t0 = time.perf_counter()
         cm = meshweave.compile(model, x, options=opts)
         row["mw_compile_s"] = time.perf_counter() - t0
@@ -239,10 +268,14 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         got = _first_tensor(cm(*x))
         _sync(device)
         row["mw_first_call_s"] = time.perf_counter() - t0
-        # Triton compiles (and "auto" times matmul tiles) at the first call: cold = both
+        # Triton compiles, "auto" times matmul tiles and the CUDA graph is captured at the
+        # first call: cold = compile() + the first call
         row["mw_cold_s"] = row["mw_compile_s"] + row["mw_first_call_s"]
         row["mw_cache"] = cm.artifacts["kernels"].cache_status
         row["mw_precompile"] = cm._runner.precompiled
+        graphs = isinstance(cm._runner, CudaGraphRunner)
+        row["mw_graphs"] = ("on" if graphs and not cm._runner.disabled else
+                            f"capture failed: {cm._runner.disabled[:120]}" if graphs else "off")
         row["mw_kernels"] = len(cm.kernels)
         row["mw_fallback_nodes"] = len(cm.artifacts["kernels"].fallbacks)
         row["mw_max_err"] = (got.float() - ref.float()).abs().max().item()
@@ -256,27 +289,41 @@ def _bench_meshweave(row: dict, model, x, ref, args, device) -> None:
         _sync(device)
         row["mw_cached_compile_s"] = time.perf_counter() - t0
         row["mw_cached_status"] = cm2.artifacts["kernels"].cache_status
-        if device == "cuda":  # the same kernels launched through Triton's JIT dispatch
+        del cm2
+        if device != "cuda":
+            return cm
+        plain = opts.replace(cuda_graphs=False)  # every launch from Python, every call
+        cm_ng = meshweave.compile(model, x, options=plain)
+        got = _first_tensor(cm_ng(*x))
+        row["mw_nographs_max_err"] = (got.float() - ref.float()).abs().max().item()
+        row["mw_nographs_ms"] = time_fn(lambda: cm_ng(*x), device, args.iters)
+        row["mw_nographs_host_ms"] = host_ms(lambda: cm_ng(*x), args.iters)
+        _drop_generated_modules()  # the same, launched through Triton's JIT dispatch
+        os.environ["MESHWEAVE_FAST_LAUNCH"] = "0"
+        try:
+            cm_jit = meshweave.compile(model, x, options=plain)
+            cm_jit(*x)
+            row["mw_jit_launch_ms"] = time_fn(lambda: cm_jit(*x), device, args.iters)
+        finally:
+            del os.environ["MESHWEAVE_FAST_LAUNCH"]
             _drop_generated_modules()
-            os.environ["MESHWEAVE_FAST_LAUNCH"] = "0"
-            try:
-                cm_jit = meshweave.compile(model, x, options=opts)
-                cm_jit(*x)
-                row["mw_jit_launch_ms"] = time_fn(lambda: cm_jit(*x), device, args.iters)
-            finally:
-                del os.environ["MESHWEAVE_FAST_LAUNCH"]
-                _drop_generated_modules()
-        if device == "cuda":  # the same kernels replayed from a CUDA graph (cuda_graphs=True)
-            try:
-                cm3 = meshweave.compile(model, x, options=opts.replace(cuda_graphs=True))
-                got = _first_tensor(cm3(*x))
-                if cm3._runner.disabled:
-                    row["mw_graphs"] = f"capture failed: {cm3._runner.disabled[:120]}"
-                row["mw_graphs_max_err"] = (got.float() - ref.float()).abs().max().item()
-                row["mw_graphs_ms"] = time_fn(lambda: cm3(*x), device, args.iters)
-            except Exception as e:  # noqa: BLE001  reported in the table, not fatal
-                row["mw_graphs"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return cm
+        row["mw_ms_again"] = time_fn(lambda: cm(*x), device, args.iters)  # order effects?
+    return cm_ng
+
+
+def host_ms(fn, iters: int) -> float:
+    """Median milliseconds the host takes to issue one call (no synchronization inside): next
+    to the measured time per call it says whether a call is bound by the host or the GPU."""
+    import torch
+
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
 
 
 def _drop_generated_modules() -> None:
@@ -322,8 +369,13 @@ def print_table(rows: list[dict], header: str) -> None:
         ("inductor_ms", "{:.3f}"),
         ("mw_ms", "{:.3f}"),
         ("mw_vs_inductor", "{:.2f}x"),
-        ("mw_graphs_ms", "{:.3f}"),
+        ("mw_nographs_ms", "{:.3f}"),
+        ("nographs_vs_inductor", "{:.2f}x"),
+        ("inductor_graphs_ms", "{:.3f}"),
+        ("mw_vs_inductor_graphs", "{:.2f}x"),
         ("mw_jit_launch_ms", "{:.3f}"),
+        ("mw_nographs_host_ms", "{:.3f}"),
+        ("inductor_host_ms", "{:.3f}"),
         ("inductor_compile_s", "{:.1f}"),
         ("mw_compile_s", "{:.1f}"),
         ("mw_first_call_s", "{:.1f}"),
@@ -341,7 +393,8 @@ def print_table(rows: list[dict], header: str) -> None:
             v = r.get(c)
             cells.append(fmt.format(v) if v is not None else "-")
         print(" | ".join(cells))
-        for k in ("inductor", "meshweave", "mw_graphs", "mw_precompile", "mw_cache",
+        for k in ("inductor", "inductor_graphs", "meshweave", "mw_graphs", "mw_precompile",
+                  "mw_cache",
                   "mw_cached_status"):
             if k in r and isinstance(r[k], str) and r[k] not in ("miss", "hit"):
                 print(f"    {k}: {r[k]}")
@@ -354,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-inductor", action="store_true", help="do not run torch.compile")
     p.add_argument("--models", default="all", help="comma list: gpt2,llama (default all)")
     p.add_argument("--shapes", default=None, help="comma list of BxS, e.g. 1x128,8x512")
+    p.add_argument("--inductor-graphs", action="store_true",
+                   help="GPU: also time torch.compile(mode='reduce-overhead') (CUDA graphs)")
     p.add_argument("--profile", action="store_true",
                    help="GPU: print each compiled model's top kernels by GPU time")
     p.add_argument("--json", default=None, help="write the result rows to this file")

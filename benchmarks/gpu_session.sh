@@ -8,7 +8,8 @@
 # meshweave is imported from this checkout (meshweave/__init__.py maps the component folders),
 # pytest comes from the carried .gpu_site when the box has none. Steps run in order of value,
 # each under its own time limit, logs under $OUT (or ./gpu_out); a failing step does not stop
-# the others (SKIP="cost_model nccl_run" leaves those out). Each step has its own limit, and
+# the others (SKIP="cost_model nccl_run" leaves those out; TESTS and LLAMA_SHAPES narrow
+# steps 2 and 3). Each step has its own limit, and
 # all of them a deadline of TOTAL_S (585 s), under the 600 s of one device call.
 set -u
 cd "$(dirname "$0")/.."
@@ -53,12 +54,13 @@ step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --f
 # 1. the issue's benchmark, GPT-2 small at 1x128 and 8x512 (eager, Inductor, meshweave), with
 #    each compiled model's top kernels by GPU time (the log) to work on after the session
 step bench_gpt2 210 python benchmarks/codegen_bench.py --models gpt2 --profile \
-    --json "$OUT/bench_gpt2.json"
+    --inductor-graphs --json "$OUT/bench_gpt2.json"
 # 2. the codegen tests, compiled by Triton for the GPU instead of interpreted
 step tests_codegen 100 env PYTHONPATH="$PYTHONPATH${PYTEST_PATH:+:$PYTEST_PATH}" \
-    python -m pytest -q --maxfail=5 -rf -p no:cacheprovider tests/test_codegen.py \
+    python -m pytest -q --maxfail=5 -rf -p no:cacheprovider ${TESTS:-tests/test_codegen.py \
     tests/test_codegen_attention.py tests/test_codegen_units.py tests/test_codegen_cache.py \
-    tests/test_codegen_fast_launch.py tests/test_codegen_causal_mask.py
+    tests/test_codegen_fast_launch.py tests/test_codegen_causal_mask.py \
+    tests/test_codegen_cuda_graphs.py}
 # 3. the ~1.1B Llama at 1x128 and 8x512
 step bench_llama 170 python benchmarks/codegen_bench.py --models llama --shapes ${LLAMA_SHAPES:-1x128,8x512} \
     --profile --json "$OUT/bench_llama.json"

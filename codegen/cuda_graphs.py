@@ -43,6 +43,11 @@ class CudaGraphRunner:
         self.graphs: dict[tuple, tuple] = {}
         self.disabled: str | None = None  # why graphs are off, once a capture failed
 
+    def __getattr__(self, name: str) -> Any:  # the wrapped runner's attributes (precompiled, rt)
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
     def __call__(self, leaves: list[Any]) -> list[Any]:
         if self.disabled is not None:
             return self.runner(leaves)

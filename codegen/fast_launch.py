@@ -72,14 +72,13 @@ class FastLaunch:
             self.misses += 1
             kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
             if stream is not None and kernel is not None and not hasattr(kernel, "result"):
-                self._entries[key] = (kernel.run, kernel.function, kernel.packed_metadata,
-                                      self._tail(len(args), kwargs))
+                self._entries[key] = (*launcher(kernel), self._tail(len(args), kwargs))
             return
         self.hits += 1
-        run, function, packed, tail = entry
+        run, function, pre, tail = entry
         n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed,
-            None, None, None, *args, *tail)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, *pre,
+            *args, *tail)
 
     def _tail(self, npos: int, kwargs: dict) -> tuple:
         """The values of the parameters after the positional ones, in signature order, as
@@ -93,6 +92,21 @@ class FastLaunch:
             else:
                 raise TypeError(f"{self.__name__}: no value for parameter {p.name!r}")
         return tuple(tail)
+
+
+def launcher(kernel) -> tuple:
+    """(callable, function handle, the arguments between the stream/function and the kernel's
+    own) for a compiled kernel. CUDA launchers without scratch memory are called at their C
+    entry point (`launch`), skipping the Python wrapper that would only pass None scratch
+    buffers; any other launcher through its own __call__, as JITFunction.run calls it."""
+    run = kernel.run  # first: loads the binary, which sets kernel.function
+    function, packed = kernel.function, kernel.packed_metadata
+    entry = getattr(run, "launch", None)
+    if (callable(entry) and getattr(run, "global_scratch_size", None) == 0
+            and getattr(run, "profile_scratch_size", None) == 0):
+        return entry, function, (run.launch_cooperative_grid, run.launch_pdl, None, None,
+                                 packed, None, None, None)
+    return run, function, (packed, None, None, None)
 
 
 def install(module) -> int:

@@ -92,10 +92,18 @@ def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:
         from meshweave.codegen import attach_triton_backend
 
         attach_triton_backend(cm)
-        if options.cuda_graphs:
+        if options.cuda_graphs or (options.cuda_graphs is None and _graphs_safe(cm, options)):
             from meshweave.codegen.cuda_graphs import CudaGraphRunner
 
             cm._runner = CudaGraphRunner(cm._runner)
+
+
+def _graphs_safe(cm: CompiledModel, options: CompileOptions) -> bool:
+    """cuda_graphs=None: replay from a CUDA graph where that is exact and bounded: CUDA
+    tensors, inference, static shapes (one graph per input signature) and every node in a
+    kernel (a reference-executor node may synchronize, which capture cannot take)."""
+    return (_graph_on_cuda(cm) and not options.training and not cm.graph.symbols
+            and not cm.artifacts["kernels"].fallbacks)
 
 
 def _graph_on_cuda(cm: CompiledModel) -> bool:

@@ -1,0 +1,71 @@
+"""CUDA-graph replay of generated modules (codegen/cuda_graphs.py) and when it is on by default.
+
+CompileOptions(cuda_graphs=None), the default, replays from a graph only for static-shape
+inference on CUDA with every node in a kernel; the GPU tests check that policy, that replays
+match eager, and that a later call never overwrites an earlier call's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from meshweave.codegen.cuda_graphs import CudaGraphRunner
+from meshweave.models import build_model
+
+import meshweave
+from meshweave import CompileOptions
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+REPRO = "pytest tests/test_codegen_cuda_graphs.py::{}"
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_no_graphs_on_the_cpu_by_default():
+    model, (ids,) = build_model("gpt-tiny", batch=1, seq=8)
+    cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton"))
+    assert not isinstance(cm._runner, CudaGraphRunner)
+    with pytest.raises(ValueError, match="needs the triton backend on CUDA tensors"):
+        meshweave.compile(model, (ids,), options=CompileOptions(backend="triton",
+                                                                cuda_graphs=True))
+
+
+@needs_gpu
+def test_default_replays_and_keeps_earlier_outputs():
+    model, (ids,) = build_model("gpt-tiny", device="cuda", batch=2, seq=8)
+    cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton"))
+    assert isinstance(cm._runner, CudaGraphRunner)
+    other = torch.randint(0, 128, ids.shape, device="cuda")
+    with torch.no_grad():
+        first = cm(ids)
+        second = cm(other)  # replays into the same static buffers
+        assert cm._runner.disabled is None, cm._runner.disabled
+        assert len(cm._runner.graphs) == 1
+        test = REPRO.format("test_default_replays_and_keeps_earlier_outputs")
+        torch.testing.assert_close(first, model(ids), rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{m}\nrepro: {test}")
+        torch.testing.assert_close(second, model(other), rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{m}\nrepro: {test}")
+
+
+@needs_gpu
+def test_default_is_off_for_dynamic_shapes_and_when_asked():
+    model, (ids,) = build_model("llama-tiny", device="cuda", batch=2, seq=8)
+    dims = {0: torch.export.Dim("batch", min=1, max=8)}
+    cm = meshweave.compile(model, (ids,), dynamic_shapes=(dims,),
+                           options=CompileOptions(backend="triton"))
+    assert not isinstance(cm._runner, CudaGraphRunner)
+    cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton",
+                                                                 cuda_graphs=False))
+    assert not isinstance(cm._runner, CudaGraphRunner)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-4)
