@@ -125,8 +125,8 @@ def test_gpt_block_kernel_structure():
 def test_gpt_tiny_kernel_count():
     from meshweave.models import build_model
 
-    model, (ids,) = build_model("gpt-tiny", batch=1, seq=8)
-    cm = compile_triton(model.to(DEVICE), (ids.to(DEVICE),))
+    model, (ids,) = build_model("gpt-tiny", device=DEVICE, batch=1, seq=8)
+    cm = compile_triton(model, (ids,))
     # 7 per block, except that each block's first LayerNorm shares the previous residual add
     # (or the embedding sum) kernel: 1 (emb + LN) + 6 + 7 + (add + ln_f) + lm_head = 16.
     assert len(cm.kernels) == 16, [k.name for k in cm.kernels]
