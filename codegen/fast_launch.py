@@ -19,6 +19,7 @@ MESHWEAVE_FAST_LAUNCH=0 to use Triton's path for every launch.
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 _tls = threading.local()  # .stream: the raw CUDA stream of the call in progress on this thread
@@ -46,7 +47,7 @@ class FastLaunch:
         self.__name__ = getattr(fn, "__name__", repr(fn))
         self._spec = native_specialize_impl
         self._backend = BaseBackend
-        self._params = list(fn.params)
+        self._params = list(inspect.signature(fn.fn).parameters.values())
         self._entries: dict[tuple, tuple] = {}
         self.hits = 0  # fast launches, for tests and benchmarks
         self.misses = 0  # launches that went through Triton
@@ -87,7 +88,7 @@ class FastLaunch:
         for p in self._params[npos:]:
             if p.name in kwargs:
                 tail.append(kwargs[p.name])
-            elif p.has_default:
+            elif p.default is not inspect.Parameter.empty:
                 tail.append(p.default)
             else:
                 raise TypeError(f"{self.__name__}: no value for parameter {p.name!r}")

@@ -119,6 +119,23 @@ def test_hardware_presets_and_json_roundtrip(tmp_path):
     assert load_spec(path) == h100 and get_spec(str(path)) == h100
 
 
+def test_compute_time_adds_the_kernel_latency():
+    import dataclasses
+
+    h100 = get_spec("h100")
+    bare = dataclasses.replace(h100, kernel_latency_s=0.0)
+    flops, nbytes = 2 * 4096**3, 3 * 2 * 4096**2
+    assert h100.kernel_latency_s > 0  # measured on an H200 (RESULTS.md)
+    assert h100.compute_time(flops, nbytes, "float16") == pytest.approx(
+        bare.compute_time(flops, nbytes, "float16") + h100.kernel_latency_s)
+    # a tiny op costs at least the latency, however small its roofline time
+    assert h100.compute_time(10, 10, "float16") >= h100.kernel_latency_s
+    with pytest.raises(ValueError, match="kernel_latency_s must be in"):
+        dataclasses.replace(h100, kernel_latency_s=-1e-6)
+    with pytest.raises(ValueError, match="kernel_latency_s must be in"):
+        dataclasses.replace(h100, kernel_latency_s=0.5)
+
+
 def test_hardware_unknown_name_lists_presets():
     with pytest.raises(ValueError, match="a100.*ascend910.*cpu.*h100.*h200"):
         get_spec("tpu-v9")

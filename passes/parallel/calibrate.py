@@ -44,6 +44,14 @@ def memory_bandwidth(device: str, nbytes: int = 1 << 27) -> float:
     return 2 * nbytes / _timed(lambda: y.copy_(x), 5)  # read + write
 
 
+def kernel_latency(device: str) -> float:
+    """Seconds per call of a tiny in-place add issued back to back: the fixed cost of one op
+    (dispatch and launch) that the roofline does not see."""
+    x = torch.zeros(256, device=device)
+    y = torch.zeros(256, device=device)
+    return _timed(lambda: y.add_(x), 200)
+
+
 def memory_capacity(device: str) -> float:
     if device == "cuda":
         return float(torch.cuda.get_device_properties(0).total_memory)
@@ -150,6 +158,7 @@ def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, st
     else:
         flops.setdefault("float16", flops["float32"] / 2)
     bw = memory_bandwidth(device)
+    latency = min(kernel_latency(device), 9e-4)
     mem = memory_capacity(device)
     intra = loopback_link() if comm else preset.intra_node
     name = (torch.cuda.get_device_name(0) if cuda else "local-cpu").replace(" ", "-").lower()
@@ -162,11 +171,13 @@ def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, st
         intra_node=intra,
         compute_efficiency=1.0,
         memory_efficiency=1.0,
+        kernel_latency_s=latency,
         devices_per_node=torch.cuda.device_count() if cuda else preset.devices_per_node,
     )
     lines = [f"device {name} ({device})"]
     lines += [f"  matmul {k}: {v / 1e12:.3f} TFLOP/s" for k, v in sorted(flops.items())]
     lines.append(f"  memory {mem / 2**30:.1f} GiB, bandwidth {bw / 1e9:.1f} GB/s")
+    lines.append(f"  per-kernel latency {latency * 1e6:.1f} us")
     src = "measured (gloo loopback)" if comm else f"from preset {preset.name}"
     lines.append(
         f"  intra-node link: {intra.latency_s * 1e6:.1f} us, "

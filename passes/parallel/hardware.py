@@ -73,6 +73,9 @@ class HardwareSpec:
     inter_node: LinkSpec
     compute_efficiency: float = 1.0
     memory_efficiency: float = 1.0
+    # Fixed time of every kernel on top of the roofline (launch, ramp-up, tail): what keeps
+    # small ops from taking roofline time. 0 for presets without a measurement.
+    kernel_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         flops = {canonical_dtype(k): float(v) for k, v in dict(self.flops).items()}
@@ -87,6 +90,9 @@ class HardwareSpec:
         for f in ("compute_efficiency", "memory_efficiency"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"HardwareSpec {self.name!r}: {f} must be in (0, 1]")
+        if not 0 <= self.kernel_latency_s < 1e-3:
+            raise ValueError(f"HardwareSpec {self.name!r}: kernel_latency_s must be in "
+                             f"[0, 1e-3) seconds, got {self.kernel_latency_s}")
 
     def peak_flops(self, dtype: Any) -> float:
         """Vendor peak FLOP/s for `dtype`; raises if the device has no such math mode."""
@@ -99,10 +105,11 @@ class HardwareSpec:
         return self.flops[key]
 
     def compute_time(self, flops: float, bytes_moved: float = 0.0, dtype: Any = "float32") -> float:
-        """Roofline estimate: the slower of the math and the memory traffic."""
+        """Roofline estimate: the slower of the math and the memory traffic, plus the fixed
+        per-kernel latency."""
         math_t = flops / (self.peak_flops(dtype) * self.compute_efficiency)
         mem_t = bytes_moved / (self.memory_bandwidth * self.memory_efficiency)
-        return max(math_t, mem_t)
+        return max(math_t, mem_t) + self.kernel_latency_s
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -125,6 +132,11 @@ GB = 1e9
 GiB = 2**30
 TFLOPS = 1e12
 
+# Measured on an H200 (benchmarks/cost_model_check.py, RESULTS.md): ops the roofline puts at
+# 1-2 us (a 1M-element add, a 1024x1024 layer norm, a 128-row GEMM) took 8-21 us each when
+# issued back to back from Python, as the runtime issues them. 5 us is the floor of that gap.
+GPU_KERNEL_LATENCY_S = 5e-6
+
 PRESETS: dict[str, HardwareSpec] = {
     # NVIDIA H100 SXM5 80GB datasheet: 67 TFLOPS FP32 (non-tensor), 989 TFLOPS dense FP16/BF16
     # tensor core, 80 GB HBM3 at 3.35 TB/s. NVLink 4: 900 GB/s total = 450 GB/s per
@@ -136,6 +148,7 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=3e-6, bandwidth_Bps=450 * GB),
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=50 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S,
     ),
     # NVIDIA H200 SXM datasheet: same compute as H100 SXM, 141 GB HBM3e at 4.8 TB/s,
     # NVLink 900 GB/s total; HGX H200 nodes with 400 Gb/s NDR per GPU.
@@ -146,6 +159,7 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=3e-6, bandwidth_Bps=450 * GB),
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=50 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S,
     ),
     # NVIDIA A100 SXM4 80GB datasheet: 19.5 TFLOPS FP32, 312 TFLOPS dense FP16/BF16 tensor,
     # 80 GB HBM2e at 2.039 TB/s. NVLink 3: 600 GB/s total = 300 GB/s per direction.
@@ -157,6 +171,7 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=4e-6, bandwidth_Bps=300 * GB),
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=25 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S,
     ),
     # Huawei Ascend 910 (first generation, Hot Chips 31, 2019): 256 TFLOPS FP16 (Da Vinci
     # cube), 32 GB HBM2 (4 stacks) at ~1.2 TB/s, 3 HCCS ports of 240 Gb/s = 30 GB/s each,
