@@ -26,8 +26,8 @@ from .fast_launch import current_raw_stream, set_stream
 from .flash_attention import flash_attention
 
 TORCH = "torch"
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on the GPU.
-GPU_MATMUL_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), big tiles first
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on the GPU, big tiles first.
+GPU_MATMUL_CONFIGS = [
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 3),
