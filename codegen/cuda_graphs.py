@@ -13,7 +13,8 @@ mode does. One graph per input signature (shapes, dtypes, strides and scalar val
      semantics, unlike reduce-overhead's).
 
 A module that cannot be captured (a node run by the reference executor that synchronizes,
-say) runs without graphs from then on, with a warning that says why.
+say) runs without graphs from then on, with a warning that says why. At most MAX_GRAPHS
+signatures are captured; calls with further signatures run without a graph (one warning).
 """
 
 from __future__ import annotations
@@ -34,14 +35,21 @@ def _signature(leaves: list[Any]) -> tuple:
     return tuple(sig)
 
 
+# Graphs one compiled model may hold: each keeps its own copies of the inputs and its memory
+# pool, so inputs whose scalar values or strides keep changing must not capture without end.
+MAX_GRAPHS = 8
+
+
 class CudaGraphRunner:
     """Wraps a runner (leaves -> outputs) with capture-once, replay-after per signature."""
 
-    def __init__(self, runner, warmup: int = 2):
+    def __init__(self, runner, warmup: int = 2, max_graphs: int = MAX_GRAPHS):
         self.runner = runner
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.disabled: str | None = None  # why graphs are off, once a capture failed
+        self.uncaptured = 0  # calls run without a graph because max_graphs were held
 
     def __getattr__(self, name: str) -> Any:  # the wrapped runner's attributes (precompiled, rt)
         if name == "runner":
@@ -53,6 +61,14 @@ class CudaGraphRunner:
             return self.runner(leaves)
         key = _signature(leaves)
         entry = self.graphs.get(key)
+        if entry is None and len(self.graphs) >= self.max_graphs:
+            if not self.uncaptured:
+                warnings.warn(
+                    f"meshweave: {len(self.graphs)} CUDA graphs are held for this model (one per "
+                    f"input signature: shapes, dtypes, strides and scalar values); calls with a "
+                    f"new signature run without a graph", RuntimeWarning, stacklevel=2)
+            self.uncaptured += 1
+            return self.runner(leaves)
         if entry is None:
             try:
                 entry = self._capture(leaves)

@@ -71,3 +71,57 @@ def test_default_is_off_for_dynamic_shapes_and_when_asked():
     assert not isinstance(cm._runner, CudaGraphRunner)
     with torch.no_grad():
         torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+class _Relu(torch.nn.Module):
+    def forward(self, x):
+        return (x * 2.0).relu()
+
+
+@needs_gpu
+def test_graphs_per_signature_are_capped():
+    """Strides are part of the signature: inputs viewed out of wider tensors capture a graph
+    each, up to MAX_GRAPHS; later signatures run without a graph, still right."""
+    from meshweave.codegen.cuda_graphs import MAX_GRAPHS
+
+    def view(i):  # a [4, 8] view with row stride 8 + i
+        return torch.randn(4, 8 + i, device="cuda")[:, :8]
+
+    cm = meshweave.compile(_Relu(), (view(0),), options=CompileOptions(backend="triton",
+                                                                       cuda_graphs=True))
+    runner = cm._runner
+    for i in range(MAX_GRAPHS):
+        x = view(i)
+        torch.testing.assert_close(cm(x), (x * 2.0).relu())
+    x = view(100)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are held"):
+        out = cm(x)
+    torch.testing.assert_close(out, (x * 2.0).relu())
+    for i in (101, 102, 3):  # further new strides run plain; a held signature still replays
+        x = view(i)
+        torch.testing.assert_close(cm(x), (x * 2.0).relu())
+    assert len(runner.graphs) == MAX_GRAPHS and runner.uncaptured == 3
+
+
+def test_graph_cap_policy_without_a_gpu(monkeypatch):
+    """The cap itself, on any machine: capture is replaced by a stand-in that records what
+    would be captured (the real capture is the GPU test above)."""
+    calls = []
+
+    class _Replay:
+        def replay(self):
+            calls.append("replay")
+
+    def fake_capture(self, leaves):
+        calls.append("capture")
+        return _Replay(), [], [leaves[0] * 2]
+
+    monkeypatch.setattr(CudaGraphRunner, "_capture", fake_capture)
+    runner = CudaGraphRunner(lambda leaves: [leaves[0] * 2], max_graphs=2)
+    for v in (1, 2, 1):
+        runner([torch.tensor(float(v)), v])
+    with pytest.warns(RuntimeWarning, match="2 CUDA graphs are held"):
+        runner([torch.tensor(3.0), 3])
+    assert runner([torch.tensor(4.0), 4])[0].item() == 8.0  # run plain, no graph
+    assert calls == ["capture", "replay", "capture", "replay", "replay"]
+    assert len(runner.graphs) == 2 and runner.uncaptured == 2
