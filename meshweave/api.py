@@ -92,18 +92,30 @@ def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:
         from meshweave.codegen import attach_triton_backend
 
         attach_triton_backend(cm)
-        if options.cuda_graphs or (options.cuda_graphs is None and _graphs_safe(cm, options)):
+        on, cm.cuda_graphs = _graphs_decision(cm, options)
+        if on:
             from meshweave.codegen.cuda_graphs import CudaGraphRunner
 
             cm._runner = CudaGraphRunner(cm._runner)
 
 
-def _graphs_safe(cm: CompiledModel, options: CompileOptions) -> bool:
-    """cuda_graphs=None: replay from a CUDA graph where that is exact and bounded: CUDA
-    tensors, inference, static shapes (one graph per input signature) and every node in a
-    kernel (a reference-executor node may synchronize, which capture cannot take)."""
-    return (_graph_on_cuda(cm) and not options.training and not cm.graph.symbols
-            and not cm.artifacts["kernels"].fallbacks)
+def _graphs_decision(cm: CompiledModel, options: CompileOptions) -> tuple[bool, str]:
+    """Whether the generated module replays from CUDA graphs, and why (explain() shows it).
+    cuda_graphs=None turns them on where that is exact and bounded: CUDA tensors, inference,
+    static shapes (one graph per input signature) and every node in a kernel (a
+    reference-executor node may synchronize, which capture cannot take)."""
+    if options.cuda_graphs:
+        return True, "on (cuda_graphs=True)"
+    if options.cuda_graphs is False:
+        return False, "off (cuda_graphs=False)"
+    fallbacks = cm.artifacts["kernels"].fallbacks
+    why = ("the model runs on the CPU" if not _graph_on_cuda(cm) else
+           "training" if options.training else
+           "dynamic shapes" if cm.graph.symbols else
+           f"{len(fallbacks)} nodes run by the reference executor" if fallbacks else None)
+    if why:
+        return False, f"off ({why})"
+    return True, "on (static-shape inference on CUDA; cuda_graphs=False turns it off)"
 
 
 def _graph_on_cuda(cm: CompiledModel) -> bool:

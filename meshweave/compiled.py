@@ -33,6 +33,7 @@ class CompiledModel:
         self.options = options
         self.model_name = model_name
         self.backend = options.backend or "eager"
+        self.cuda_graphs = ""  # the triton backend: whether calls replay CUDA graphs, and why
         self._runner: Callable[[list[Any]], list[Any]] = self._run_reference
         self.artifacts: dict[str, Any] = {}
         self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
@@ -76,7 +77,8 @@ class CompiledModel:
                        if t is not None and v.kind == "param")
         lines = [
             f"meshweave compiled model: {self.model_name}",
-            f"  backend: {self.backend}",
+            f"  backend: {self.backend}"
+            + (f"; CUDA graphs {self.cuda_graphs}" if self.cuda_graphs else ""),
             "  inputs: " + ", ".join(f"%{v.name}: {v.type}" for v in g.user_inputs),
             (f"  parameters: {n_params:,} elements in "
              f"{sum(1 for v in g.inputs if v.kind == 'param')} tensors"),

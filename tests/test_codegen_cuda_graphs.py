@@ -36,6 +36,7 @@ def test_no_graphs_on_the_cpu_by_default():
     model, (ids,) = build_model("gpt-tiny", batch=1, seq=8)
     cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton"))
     assert not isinstance(cm._runner, CudaGraphRunner)
+    assert "CUDA graphs off (the model runs on the CPU)" in cm.explain()
     with pytest.raises(ValueError, match="needs the triton backend on CUDA tensors"):
         meshweave.compile(model, (ids,), options=CompileOptions(backend="triton",
                                                                 cuda_graphs=True))
@@ -46,6 +47,7 @@ def test_default_replays_and_keeps_earlier_outputs():
     model, (ids,) = build_model("gpt-tiny", device="cuda", batch=2, seq=8)
     cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton"))
     assert isinstance(cm._runner, CudaGraphRunner)
+    assert "CUDA graphs on (static-shape inference on CUDA" in cm.explain()
     other = torch.randint(0, 128, ids.shape, device="cuda")
     with torch.no_grad():
         first = cm(ids)
@@ -66,9 +68,11 @@ def test_default_is_off_for_dynamic_shapes_and_when_asked():
     cm = meshweave.compile(model, (ids,), dynamic_shapes=(dims,),
                            options=CompileOptions(backend="triton"))
     assert not isinstance(cm._runner, CudaGraphRunner)
+    assert "CUDA graphs off (dynamic shapes)" in cm.explain()
     cm = meshweave.compile(model, (ids,), options=CompileOptions(backend="triton",
                                                                  cuda_graphs=False))
     assert not isinstance(cm._runner, CudaGraphRunner)
+    assert "CUDA graphs off (cuda_graphs=False)" in cm.explain()
     with torch.no_grad():
         torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-4)
 
