@@ -8,9 +8,10 @@ Inductor avoids the same cost by calling the compiled binary's launcher directly
 
 `FastLaunch` wraps a JITFunction with the same `kernel[grid](*args, **constexprs)` interface.
 The first launch for an argument specialization goes through Triton (which compiles, caches
-and launches); FastLaunch then keeps that CompiledKernel's launcher under a key made of each
-positional argument's specialization, as Triton computes it (`native_specialize_impl`: dtype
-and 16-byte alignment of tensors, int width, ==1 and divisibility by 16 of ints), plus the
+and launches); FastLaunch then keeps that CompiledKernel's launcher under a key at least as fine as Triton's
+specialization of the positional arguments (Triton: dtype and 16-byte alignment of tensors,
+int width, == 1 and divisibility by 16 of ints; FastLaunch.key: tensors by dtype and
+alignment, ints by value, the rest through Triton's `native_specialize_impl`), plus the
 keyword arguments (constexprs, num_warps, ...). A later launch with the same key calls the
 launcher with the stream the generated call() read once (`begin_call`). Launch hooks (set by
 Triton-level profilers such as proton) are not called on the fast path; set
@@ -22,6 +23,10 @@ from __future__ import annotations
 import inspect
 import threading
 
+import torch
+
+_Tensor = torch.Tensor
+MAX_ENTRIES = 4096  # launchers kept per kernel (a key per argument specialization)
 _tls = threading.local()  # .stream: the raw CUDA stream of the call in progress on this thread
 
 
@@ -31,8 +36,6 @@ def set_stream(stream: int | None) -> None:
 
 
 def current_raw_stream() -> int:
-    import torch
-
     return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
 
 
@@ -62,8 +65,15 @@ class FastLaunch:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def key(self, args: tuple, kwargs: dict) -> tuple:
-        spec, be = self._spec, self._backend
-        return (*[spec(be, a, False, True, True) for a in args], *kwargs.items())
+        """At least as fine as Triton's specialization of `args` (tests check that): plain
+        tensors by (dtype, 16-byte aligned), ints by their value (finer than Triton's width,
+        == 1 and divisible by 16; a static-shape module passes the same ints every call),
+        anything else by Triton's own native_specialize_impl. About half the cost of calling
+        native_specialize_impl on every argument."""
+        spec, be, tensor = self._spec, self._backend, _Tensor
+        return (*[(a.dtype, not a.data_ptr() & 15) if type(a) is tensor else
+                  a if type(a) is int else spec(be, a, False, True, True) for a in args],
+                *kwargs.items())
 
     def launch(self, grid, args: tuple, kwargs: dict) -> None:
         stream = getattr(_tls, "stream", None)
@@ -73,6 +83,8 @@ class FastLaunch:
             self.misses += 1
             kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
             if stream is not None and kernel is not None and not hasattr(kernel, "result"):
+                if len(self._entries) >= MAX_ENTRIES:  # ints of ever-new dynamic sizes
+                    self._entries.clear()
                 self._entries[key] = (*launcher(kernel), self._tail(len(args), kwargs))
             return
         self.hits += 1
