@@ -63,7 +63,7 @@ step tests_codegen 100 env PYTHONPATH="$PYTHONPATH${PYTEST_PATH:+:$PYTEST_PATH}"
     tests/test_codegen_cuda_graphs.py}
 # 3. the ~1.1B Llama at 1x128 and 8x512
 step bench_llama 170 python benchmarks/codegen_bench.py --models llama --shapes ${LLAMA_SHAPES:-1x128,8x512} \
-    --profile --json "$OUT/bench_llama.json"
+    --profile --inductor-graphs --json "$OUT/bench_llama.json"
 # 4. the planner's cost model (roofline) against this GPU: fp16 GEMMs, adds, layer norms
 step cost_model 40 python benchmarks/cost_model_check.py
 # 5. the runtime on CUDA tensors with NCCL (one GPU: one rank; 2+ GPUs: tensor parallel)
