@@ -23,11 +23,10 @@ from __future__ import annotations
 import torch
 
 from ..ir.graph import Graph, Node, Value
-from ..passes.dce import dce
 from ..runtime.reference import run_node
 from .flash_attention import parse_sdpa
+from .folding import SDPA, drop_folded
 
-SDPA = "aten.scaled_dot_product_attention.default"
 FOLDED = "constant causal mask folded into is_causal attention"
 
 
@@ -113,14 +112,6 @@ def fold_causal_masks(graph: Graph) -> Graph:
             changed = True
     if not changed:
         return graph
-    out = dce(g)
-    kept = {o.name for n in out.nodes for o in n.outputs} | {v.name for v in out.inputs}
-    folded = dict(graph.meta.get("folded", {}))
-    for n in graph.nodes:
-        if n.outputs[0].name not in kept:
-            folded.setdefault(n.outputs[0].name, FOLDED)
-    for n in out.nodes:  # the mask itself, also when it is a constant input that stays
-        if "causal_mask_folded" in n.attrs:
-            folded.setdefault(n.attrs["causal_mask_folded"], FOLDED)
-    out.meta["folded"] = folded
-    return out
+    # the masks themselves are recorded too: a constant mask is an input, which dce keeps
+    masks = tuple(n.attrs["causal_mask_folded"] for n in g.nodes if "causal_mask_folded" in n.attrs)
+    return drop_folded(graph, g, FOLDED, masks)

@@ -22,11 +22,10 @@ import sympy
 
 from ..ir.graph import Graph, NameGen, Node, Value
 from ..ir.types import TensorType
-from ..passes.dce import dce
 from .flash_attention import parse_sdpa
+from .folding import SDPA, drop_folded
 from .indexing import to_expr
 
-SDPA = "aten.scaled_dot_product_attention.default"
 _RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
 
 
@@ -113,13 +112,7 @@ def fold_gqa_repeats(graph: Graph) -> Graph:
     if not changed:
         return graph
     g.nodes = nodes
-    out = dce(g)
-    kept = {o.name for n in out.nodes for o in n.outputs}
-    out.meta["folded"] = {
-        n.outputs[0].name: "K/V head repeat folded into grouped attention (enable_gqa)"
-        for n in graph.nodes if n.outputs[0].name not in kept
-    }
-    return out
+    return drop_folded(graph, g, "K/V head repeat folded into grouped attention (enable_gqa)")
 
 
 def _heads_dim(r: _Repeat) -> int:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.nn.functional as F
 from meshweave.codegen.causal_mask import FOLDED, is_causal_mask
 
@@ -19,10 +13,7 @@ from meshweave import CompileOptions
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPRO = "pytest tests/test_codegen_causal_mask.py::{}"
 
-
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("kernel_cache")  # conftest.py: a private kernel cache
 
 
 class MaskedAttention(torch.nn.Module):

@@ -7,14 +7,8 @@ match eager, and that a later call never overwrites an earlier call's outputs.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from meshweave.codegen.cuda_graphs import CudaGraphRunner
 from meshweave.models import build_model
 
@@ -24,10 +18,7 @@ from meshweave import CompileOptions
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 REPRO = "pytest tests/test_codegen_cuda_graphs.py::{}"
 
-
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MESHWEAVE_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("kernel_cache")  # conftest.py: a private kernel cache
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
