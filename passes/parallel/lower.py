@@ -19,8 +19,11 @@ each user input the runtime splits), containing:
     with kwargs axis (mesh axis name) and group (global ranks of this rank's group);
   * stage transfers: values another stage needs are `dist.send(dst=, tag=)` at the end,
     values this stage reads from an earlier one are `dist.recv(src=, tag=, shape=, dtype=)`
-    at the start (same mesh coordinates on both sides; tags number the transfers the same way
-    on every rank). Graph outputs live on the last stage, gathered to full (replicated)
+    at the start (tags number the transfers the same way on every rank). Between stage meshes
+    of the same shape a rank exchanges its piece with the rank at the same mesh coordinates;
+    between meshes of different shapes (Plan.stage_mesh) each side sends or receives the
+    pieces of cross_mesh.transfer_schedule (aten.slice before the sends, aten.cat after the
+    receives). Graph outputs live on the last stage, gathered to full (replicated)
     tensors; other stages return nothing.
 
 Per-op rewrites that are more than shape changes (row-parallel bias on one rank only,
@@ -109,8 +112,15 @@ def analyse(graph: Graph, plan: Plan) -> LoweringSetup:
                 if texts
                 else tuple(Replicate() for _ in range(mesh.ndim))
             )
+    try:
+        plan.validate()
+    except ValueError as e:
+        raise LoweringError(f"invalid plan: {e}") from None
     stage_of = _stages(graph, plan)
-    in_pl = {n: _input_placements(n, plan, placements, types, mesh) for n in graph.nodes}
+    meshes = [plan.stage_mesh(s) for s in range(max(plan.num_stages, 1))]
+    in_pl = {
+        n: _input_placements(n, plan, placements, types, meshes[stage_of[n]]) for n in graph.nodes
+    }
     su = LoweringSetup(graph, plan, info, types, placements, in_pl, stage_of, {}, [])
     su.blocks = _blocked_layouts(su)
     su.transfers = _transfers(su)
@@ -260,11 +270,15 @@ def make_node(
     return n
 
 
-def local_type(su: LoweringSetup, v: Value, pl: Placements | None) -> Any:
+def local_type(
+    su: LoweringSetup, v: Value, pl: Placements | None, mesh_shape: Sequence[int] | None = None
+) -> Any:
+    """v's type on one rank of a stage mesh of `mesh_shape` (default: the plan's mesh)."""
     t = su.types.get(v, v.type)
     if not isinstance(t, TensorType):
         return t if t is not None else OpaqueType()
-    return TensorType(local_shape(t.shape, pl, su.mesh.shape), t.dtype, t.device)
+    shape = su.mesh.shape if mesh_shape is None else mesh_shape
+    return TensorType(local_shape(t.shape, pl, shape), t.dtype, t.device)
 
 
 def is_partial(pl: Placements | None) -> bool:

@@ -29,18 +29,14 @@ from .sharding_rules import node_inputs
 
 class RankLowering:
     def __init__(self, su: LoweringSetup, rank: int):
-        plan, mesh = su.plan, su.plan.mesh
+        plan = su.plan
         if not 0 <= rank < plan.world_size:
             raise LoweringError(f"rank {rank} is outside the plan's {plan.world_size} devices")
         self.su, self.rank = su, rank
         self.stage = plan.stage_of_rank(rank)
-        self.base = self.stage * mesh.size
-        flat, coords = rank - self.base, []
-        for s in reversed(mesh.shape):
-            coords.append(flat % s)
-            flat //= s
-        self.coords = tuple(reversed(coords))
-        self.groups = [self._group(a) for a in range(mesh.ndim)]
+        self.mesh = plan.stage_mesh(self.stage)  # global ranks as device ids
+        self.coords = self.mesh.rank_coords(rank)
+        self.groups = [self._group(a) for a in range(self.mesh.ndim)]
         self.names = NameGen()
         self.inputs: list[Value] = []
         self.nodes: list[Node] = []
@@ -49,23 +45,17 @@ class RankLowering:
         self.cur: dict[Value, tuple[Value, Placements | None]] = {}
         self.cache: dict[tuple[Value, Placements], Value] = {}
 
-    def _flat(self, coords) -> int:
-        flat = 0
-        for c, s in zip(coords, self.su.mesh.shape):
-            flat = flat * s + c
-        return flat
-
     def _group(self, axis: int) -> list[int]:
         out = []
-        for k in range(self.su.mesh.shape[axis]):
+        for k in range(self.mesh.shape[axis]):
             c = list(self.coords)
             c[axis] = k
-            out.append(self.base + self._flat(c))
+            out.append(self.mesh.coords_rank(c))
         return out
 
-    def peer(self, stage: int) -> int:
-        """The rank with this rank's mesh coordinates in another stage."""
-        return stage * self.su.mesh.size + (self.rank - self.base)
+    def ltype(self, v: Value, pl: Placements | None) -> Any:
+        """v's local type on this rank's stage mesh."""
+        return local_type(self.su, v, pl, self.mesh.shape)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> Graph:
@@ -80,17 +70,10 @@ class RankLowering:
             self.emit(n)
         for (v, s, d), tag in tags.items():
             if s == self.stage:
-                x, _ = self.cur[v]
-                self.add(
-                    "dist.send",
-                    (x,),
-                    {"dst": self.peer(d), "tag": tag},
-                    [OpaqueType("token")],
-                    f"send_{v.name}",
-                )
+                self._send(v, d, tag)
         outputs = []
         if self.stage == su.plan.num_stages - 1:
-            rep = tuple(Replicate() for _ in su.mesh.shape)
+            rep = tuple(Replicate() for _ in self.mesh.shape)
             outputs = [self.materialize(v, rep) for v in su.graph.outputs]
         g = Graph(
             self.inputs,
@@ -115,13 +98,13 @@ class RankLowering:
             "rank": self.rank,
             "stage": self.stage,
             "coords": self.coords,
-            "mesh": su.mesh,
+            "mesh": self.mesh,
             "world_size": su.plan.world_size,
             "shard_specs": self.specs,
             "micro_batch_dim": {k: d for k, d in mb_dims.items() if d is not None},
             "micro_batches": su.plan.micro_batches,
             "micro_batch_size": self._micro_batch_size(),
-            "groups": {su.mesh.names[a]: g for a, g in enumerate(self.groups)},
+            "groups": {self.mesh.names[a]: g for a, g in enumerate(self.groups)},
             "outputs_replicated": self.stage == su.plan.num_stages - 1,
         }
 
@@ -139,7 +122,7 @@ class RankLowering:
             if v not in used:
                 continue
             pl = su.placements.get(v)
-            t = local_type(su, v, pl)
+            t = self.ltype(v, pl)
             spec = self._spec(v, pl)
             lv = Value(v.name, t, None, v.kind, v.target, pl)
             self.names.taken.add(v.name)
@@ -164,25 +147,92 @@ class RankLowering:
         blocks = dict(su.blocks.get(v, {}))
         for a, p in enumerate(pl or ()):
             if isinstance(p, Shard):
-                n = su.mesh.shape[a]
+                n = self.mesh.shape[a]
                 b = blocks.get(p.dim)
                 spec.append((p.dim, self.coords[a], n, b) if b else (p.dim, self.coords[a], n))
                 if b:
                     blocks[p.dim] = tuple(x // n for x in b)
         return spec
 
+    # ------------------------------------------------------------------ stage transfers
+    def _same_layout(self, other: int) -> bool:
+        return self.su.plan.stage_mesh(other).shape == self.mesh.shape
+
     def _recv(self, v: Value, src: int, tag: int) -> None:
         pl = self.su.placements.get(v)
-        t = local_type(self.su, v, pl)
-        x = self.add(
-            "dist.recv",
-            (),
-            {"src": self.peer(src), "tag": tag, "shape": list(t.shape), "dtype": t.dtype},
-            [t],
-            v.name,
-            placements=[pl],
-        )
+        if self._same_layout(src):  # the piece of the rank at the same mesh coordinates
+            peer = self.su.plan.stage_mesh(src).devices[self.mesh.devices.index(self.rank)]
+            x = self._recv_piece(v, peer, tag, self.ltype(v, pl), pl)
+            self.cur[v] = (x, pl)
+            return
+        pl = _reduced(pl)
+        mine = [p for p in self._schedule(v, src, self.stage) if p.dst == self.rank]
+        from .cross_mesh import assemble_order, rank_box, relative
+
+        t = self.su.types[v]
+        home = rank_box(t.shape, pl, self.mesh, self.rank, f"%{v.name}")
+        parts = [
+            self._recv_piece(v, p.src, tag, _box_type(t, relative(p.box, home)), pl)
+            for p in mine
+        ]
+        x = self._assemble(v, parts, assemble_order([p.box for p in mine]), pl)
         self.cur[v] = (x, pl)
+
+    def _recv_piece(self, v: Value, src: int, tag: int, t: TensorType, pl) -> Value:
+        kw = {"src": src, "tag": tag, "shape": list(t.shape), "dtype": t.dtype}
+        return self.add("dist.recv", (), kw, [t], v.name, placements=[pl])
+
+    def _assemble(self, v: Value, parts: list[Value], order, pl) -> Value:
+        if isinstance(order, int):
+            return parts[order]
+        dim, sub = order
+        xs = [self._assemble(v, parts, o, pl) for o in sub]
+        shape = list(xs[0].type.shape)
+        shape[dim] = sum(x.type.shape[dim] for x in xs)
+        t = TensorType(tuple(shape), xs[0].type.dtype, xs[0].type.device)
+        return self.add("aten.cat.default", (xs, dim), {}, [t], f"{v.name}_cat", placements=[pl])
+
+    def _send(self, v: Value, dst: int, tag: int) -> None:
+        if self._same_layout(dst):
+            x, _ = self.cur[v]
+            peer = self.su.plan.stage_mesh(dst).devices[self.mesh.devices.index(self.rank)]
+            self._send_piece(v, x, peer, tag)
+            return
+        from .cross_mesh import rank_box, relative
+
+        pl = _reduced(self.su.placements.get(v))
+        x = self.materialize(v, pl)
+        t = self.su.types[v]
+        home = rank_box(t.shape, pl, self.mesh, self.rank, f"%{v.name}")
+        for p in self._schedule(v, self.stage, dst):
+            if p.src != self.rank:
+                continue
+            piece = x
+            for d, ((lo, hi), full) in enumerate(zip(relative(p.box, home), piece.type.shape)):
+                if (lo, hi) != (0, full):
+                    shape = list(piece.type.shape)
+                    shape[d] = hi - lo
+                    pt = TensorType(tuple(shape), piece.type.dtype, piece.type.device)
+                    piece = self.add("aten.slice.Tensor", (piece, d, lo, hi), {}, [pt],
+                                     f"{v.name}_piece", placements=[pl])
+            self._send_piece(v, piece, p.dst, tag)
+
+    def _send_piece(self, v: Value, x: Value, dst: int, tag: int) -> None:
+        self.add("dist.send", (x,), {"dst": dst, "tag": tag}, [OpaqueType("token")],
+                 f"send_{v.name}")
+
+    def _schedule(self, v: Value, src: int, dst: int):
+        from .cross_mesh import transfer_schedule
+
+        if self.su.blocks.get(v):
+            raise LoweringError(
+                f"%{v.name} crosses from stage {src} to stage {dst}, whose meshes differ, in a "
+                "layout cut piece by piece (for a later split); such transfers are not supported"
+            )
+        pl = _reduced(self.su.placements.get(v))
+        plan = self.su.plan
+        return transfer_schedule(self.su.types[v].shape, pl, plan.stage_mesh(src), pl,
+                                 plan.stage_mesh(dst), f"%{v.name} (stage {src} -> {dst})")
 
     # ------------------------------------------------------------------ nodes
     def add(
@@ -213,7 +263,7 @@ class RankLowering:
         it = iter(local)
         args, kwargs = map_values((n.args, n.kwargs), lambda v: next(it))
         out_pls = [su.placements.get(o) for o in n.outputs]
-        out_types = [local_type(su, o, pl) for o, pl in zip(n.outputs, out_pls)]
+        out_types = [self.ltype(o, pl) for o, pl in zip(n.outputs, out_pls)]
         rule = LOWERING_RULES.get(n.op, default_rule)
         outs = rule(self, n, args, kwargs, out_types, out_pls)
         for o, lv, pl in zip(n.outputs, outs, out_pls):
@@ -252,10 +302,23 @@ class RankLowering:
         if hit is not None:
             return hit
         pl = list(have)
-        for step in self._steps(v, have, want):
+        for a, (h, w) in enumerate(zip(have, want)):
+            if isinstance(w, Partial) and isinstance(h, Replicate):
+                x = self._replicate_to_partial(v, x, pl, a)
+        for step in self._steps(v, tuple(pl), want):
             x = self._emit_step(v, x, pl, step)
         self.cache[(v, want)] = x
         return x
+
+    def _replicate_to_partial(self, v: Value, x: Value, pl: list, axis: int) -> Value:
+        """A replicated value as a partial sum over `axis`: coordinate 0 keeps it, the other
+        ranks hold zeros (a stage of another mesh shape sent it reduced, but the reading node
+        sums partials)."""
+        pl[axis] = Partial()
+        if self.coords[axis] == 0:
+            return x
+        return self.add("aten.zeros_like.default", (x,), {}, [x.type], f"{v.name}_partial",
+                        placements=[tuple(pl)])
 
     def _steps(self, v: Value, have: Placements, want: Placements) -> list[Step]:
         steps = reshard_steps(have, want)
@@ -282,7 +345,7 @@ class RankLowering:
 
     def _emit_step(self, v: Value, x: Value, pl: list, step: Step) -> Value:
         su, a = self.su, step.axis
-        kw: dict[str, Any] = {"axis": su.mesh.names[a], "group": list(self.groups[a])}
+        kw: dict[str, Any] = {"axis": self.mesh.names[a], "group": list(self.groups[a])}
         if step.kind == "all_reduce":
             op, kw["reduce"] = "dist.all_reduce", "sum"
             pl[a] = Replicate()
@@ -297,11 +360,11 @@ class RankLowering:
             pl[a] = Shard(step.dim)
         else:
             op = "dist.local_shard"
-            kw.update(dim=step.dim, index=self.coords[a], count=su.mesh.shape[a])
+            kw.update(dim=step.dim, index=self.coords[a], count=self.mesh.shape[a])
             blocks = su.blocks.get(v, {}).get(step.dim)
             if blocks:
                 done = math.prod(
-                    su.mesh.shape[b]
+                    self.mesh.shape[b]
                     for b, p in enumerate(pl)
                     if isinstance(p, Shard) and p.dim == step.dim
                 )
@@ -311,5 +374,16 @@ class RankLowering:
         if isinstance(pl[a], Partial):
             raise LoweringError(f"%{v.name}: reshard step {step} left a partial value")
         return self.add(
-            op, (x,), kw, [local_type(su, v, new_pl)], f"{v.name}_{step.kind}", placements=[new_pl]
+            op, (x,), kw, [self.ltype(v, new_pl)], f"{v.name}_{step.kind}", placements=[new_pl]
         )
+
+
+def _reduced(pl: Placements | None) -> Placements | None:
+    """Partial sums reduced: what a rank sends to a stage of another mesh shape."""
+    if pl is None:
+        return None
+    return tuple(Replicate() if isinstance(p, Partial) else p for p in pl)
+
+
+def _box_type(t: TensorType, box) -> TensorType:
+    return TensorType(tuple(hi - lo for lo, hi in box), t.dtype, t.device)

@@ -120,7 +120,7 @@ def embedding_rule(rl, n, args, kwargs, out_types, out_pls):
     rows_axes = [a for a, p in enumerate(w_pl) if isinstance(p, Shard) and p.dim == 0]
     chunk = 0
     for a in rows_axes:
-        chunk = chunk * su.mesh.shape[a] + rl.coords[a]
+        chunk = chunk * rl.mesh.shape[a] + rl.coords[a]
     w, idx = args[0], args[1]
     rows = w.type.shape[0]
     start = chunk * rows
@@ -158,7 +158,7 @@ def mean_rule(rl, n, args, kwargs, out_types, out_pls):
     outs = rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
     in_pl = rl.su.in_pl[n][0]
     k = math.prod(
-        rl.su.mesh.shape[a] for a in _partial_axes(out_pls[0]) if isinstance(in_pl[a], Shard)
+        rl.mesh.shape[a] for a in _partial_axes(out_pls[0]) if isinstance(in_pl[a], Shard)
     )
     if k == 1:
         return outs

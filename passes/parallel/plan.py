@@ -1,11 +1,17 @@
 """The Plan: what the parallel planner decides, in a versioned, JSON-serializable form.
 
-Layout model (Megatron/MindSpore style, uniform submeshes): the devices form
-`num_stages` pipeline stages; each stage owns a contiguous block of `mesh.size` ranks laid out
-as `mesh` (e.g. axes ("dp", "tp")). Stage s owns ranks [s * mesh.size, (s + 1) * mesh.size).
+Layout model: the devices form `num_stages` pipeline stages. Every stage mesh has the axes
+of `mesh` (e.g. ("dp", "tp")). By default (Megatron/MindSpore style, uniform sub-meshes) each
+stage is laid out as `mesh` and owns the contiguous ranks [s * mesh.size, (s + 1) * mesh.size).
+A stage may instead have its own shape over the same axes (`StagePlan.mesh_shape`, Alpa-style
+sub-meshes: e.g. (2, 2) for the first stage and (1, 2) for the second); its ranks are then
+`StagePlan.ranks`, in row-major order of that shape. `stage_mesh(s)` gives either as a
+DeviceMesh with global device ids.
 
   placements    value name -> one placement string per mesh axis ("R", "S(d)", "P"), over
-                the stage mesh; values not listed are replicated
+                the mesh of the stage that produces the value (a value another stage reads
+                arrives there in the same placement strings, over that stage's mesh: the
+                lowering inserts the cross-mesh transfer); values not listed are replicated
   input_placements  node (first output name) -> per `node.inputs` entry, the placements the
                 node consumes it in (None for non-tensor inputs); where it differs from the
                 value's placement the lowering inserts the collective. Optional: when a node
@@ -25,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from ...ir.mesh import DeviceMesh
 from ...ir.sharding import Placement, parse_placement
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: StagePlan.mesh_shape (version-1 plans are read as uniform)
 
 
 @dataclasses.dataclass
@@ -40,6 +47,7 @@ class StagePlan:
     ranks: list[int]
     recompute: bool = False
     layers: tuple[int, int] | None = None  # [start, end) of repeated layers, when known
+    mesh_shape: tuple[int, ...] | None = None  # this stage's mesh over plan.mesh's axes
 
 
 @dataclasses.dataclass
@@ -70,8 +78,28 @@ class Plan:
     version: int = PLAN_VERSION
 
     @property
+    def uniform(self) -> bool:
+        """Every stage is laid out as `mesh` on its contiguous block of ranks."""
+        return all(s.mesh_shape is None or tuple(s.mesh_shape) == self.mesh.shape
+                   for s in self.stages)
+
+    @property
     def world_size(self) -> int:
-        return self.num_stages * self.mesh.size
+        if self.uniform:
+            return self.num_stages * self.mesh.size
+        return sum(math.prod(self.stage_mesh(s).shape) for s in range(self.num_stages))
+
+    def stage_mesh(self, stage: int) -> DeviceMesh:
+        """Stage `stage`'s mesh, with the global ranks it owns as device ids."""
+        if not 0 <= stage < max(self.num_stages, 1):
+            raise ValueError(f"stage {stage} is outside the plan's {self.num_stages} stages")
+        if self.uniform:
+            base = stage * self.mesh.size
+            return DeviceMesh(self.mesh.shape, self.mesh.names,
+                              tuple(range(base, base + self.mesh.size)))
+        st = self.stages[stage]
+        return DeviceMesh(tuple(st.mesh_shape or self.mesh.shape), self.mesh.names,
+                          tuple(st.ranks))
 
     def placement_of(self, value: str) -> tuple[Placement, ...]:
         texts = self.placements.get(value)
@@ -82,7 +110,28 @@ class Plan:
     def stage_of_rank(self, rank: int) -> int:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the plan's {self.world_size} devices")
-        return rank // self.mesh.size
+        if self.uniform:
+            return rank // self.mesh.size
+        return next(s for s in range(self.num_stages) if rank in self.stage_mesh(s).devices)
+
+    def validate(self) -> None:
+        """Stage meshes: one shape entry per axis of `mesh`, ranks that match the shape,
+        and every rank of 0..world_size-1 in exactly one stage."""
+        if self.uniform:
+            return
+        seen: list[int] = []
+        for st in self.stages:
+            shape = tuple(st.mesh_shape or self.mesh.shape)
+            if len(shape) != self.mesh.ndim or any(int(x) < 1 for x in shape):
+                raise ValueError(f"stage {st.index}: mesh shape {shape} does not give one "
+                                 f"positive size per axis of {self.mesh.names}")
+            if len(st.ranks) != math.prod(shape):
+                raise ValueError(f"stage {st.index}: {len(st.ranks)} ranks for a mesh of "
+                                 f"shape {shape}")
+            seen += st.ranks
+        if sorted(seen) != list(range(len(seen))):
+            raise ValueError(f"stage ranks {[st.ranks for st in self.stages]} do not cover "
+                             f"0..{len(seen) - 1} exactly once")
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -92,23 +141,33 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
-        if d.get("version") != PLAN_VERSION:
+        if d.get("version") not in (1, PLAN_VERSION):
             raise ValueError(f"plan version {d.get('version')} is not supported "
-                             f"(this meshweave reads version {PLAN_VERSION})")
+                             f"(this meshweave reads versions 1 and {PLAN_VERSION})")
+        d["version"] = PLAN_VERSION
         d["mesh"] = DeviceMesh(tuple(d["mesh"]["shape"]), tuple(d["mesh"]["axis_names"]))
         d["stages"] = [StagePlan(**{**s, "layers": tuple(s["layers"]) if s.get("layers")
+                                    else None,
+                                    "mesh_shape": tuple(s["mesh_shape"]) if s.get("mesh_shape")
                                     else None}) for s in d["stages"]]
         d["collectives"] = [CollectiveRecord(**c) for c in d["collectives"]]
         d["placements"] = {k: tuple(v) for k, v in d["placements"].items()}
         d["input_placements"] = {k: [tuple(p) if p is not None else None for p in v]
                                  for k, v in d.get("input_placements", {}).items()}
-        return cls(**d)
+        plan = cls(**d)
+        plan.validate()
+        return plan
 
     def summary(self) -> str:
         est = self.estimate
+        if self.uniform:
+            meshes = f"mesh {'x'.join(map(str, self.mesh.shape))}"
+        else:
+            meshes = "meshes " + " | ".join(
+                "x".join(map(str, self.stage_mesh(s).shape)) for s in range(self.num_stages))
         lines = [
-            f"plan v{self.version}: {self.world_size} devices = {self.num_stages} stage(s) x "
-            f"mesh {'x'.join(map(str, self.mesh.shape))} ({', '.join(self.mesh.names)})",
+            (f"plan v{self.version}: {self.world_size} devices = {self.num_stages} stage(s) x "
+             f"{meshes} ({', '.join(self.mesh.names)})"),
             f"  micro-batches {self.micro_batches}, schedule {self.schedule}, "
             f"ZeRO-1 {'on' if self.zero else 'off'}, "
             "recompute " + (f"on for stages {[s.index for s in self.stages if s.recompute]}"

@@ -39,7 +39,7 @@ from ..reference import _last_uses, run_node
 from . import autograd_collectives as ac
 from .errors import DistributedError
 from .optim import OptimConfig, ParamSync, ShardedOptimizer
-from .program import RankProgram
+from .program import RankProgram, split_ties
 from .schedule import stage_schedule
 from .shards import as_placements, local_shard
 
@@ -67,15 +67,16 @@ class RankExecutor:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
         self.program, self.plan, self.rank = program, plan, program.rank
-        self.mesh, self.size, self.stage = plan.mesh, plan.mesh.size, program.stage
+        self.stage = program.stage
+        self.mesh = plan.stage_mesh(self.stage)  # global ranks as device ids
+        self.size = self.mesh.size
         self.training, self.loss_kind, self.device = training, loss, device
-        offset = self.stage * self.size
-        self.coords = self.mesh.rank_coords(self.rank - offset)
+        self.coords = self.mesh.rank_coords(self.rank)
         self.axis_ranks = [
-            next([offset + r for r in g] for g in self.mesh.groups(a) if self.rank - offset in g)
+            next(list(g) for g in self.mesh.groups(a) if self.rank in g)
             for a in range(self.mesh.ndim)
         ]
-        self.stage_ranks = list(range(offset, offset + self.size))
+        self.stage_ranks = list(self.mesh.devices)
         self.is_last = self.stage == plan.num_stages - 1
         # Parameters get their own storage: tied copies must not alias (each is stepped), and
         # the rank's state is its shards alone, whatever the program's tensors share.
@@ -97,12 +98,7 @@ class RankExecutor:
         if training:
             for p in self.params.values():
                 p.requires_grad_(True)
-            local = self.rank - offset
-            tie_ranks = [
-                (names, [s * self.size + local for s in stages])
-                for names, stages in ties
-                if self.stage in stages
-            ]
+            tie_ranks, full_ties = split_ties(ties, plan, self.stage, self.rank, program)
             self.optimizer = ShardedOptimizer(
                 self.params,
                 self._param_sync(),
@@ -110,7 +106,12 @@ class RankExecutor:
                 self.rank,
                 optim or OptimConfig(),
                 tie_ranks,
+                full_ties,
             )
+
+    def _peer(self, stage: int) -> int:
+        """The rank at this rank's mesh coordinates in `stage` (split programs: one mesh)."""
+        return self.plan.stage_mesh(stage).devices[self.stage_ranks.index(self.rank)]
 
     # ---------------------------------------------------------------- placements
     def placements(self, v: Value) -> tuple:
@@ -165,7 +166,7 @@ class RankExecutor:
                 )
             out.append(x.to(self.device))
         for t in self.program.recvs:
-            peer = self.rank + (t.src_stage - self.stage) * self.size
+            peer = self._peer(t.src_stage)
             out.append(
                 self.p2p.receive(
                     t.type.concrete_shape(g.hints()),
@@ -202,7 +203,7 @@ class RankExecutor:
         n_model = self.program.num_outputs
         roots = list(self._inline_roots)
         for t, x in zip(self.program.sends, outs[n_model:]):
-            peer = self.rank + (t.dst_stage - self.stage) * self.size
+            peer = self._peer(t.dst_stage)
             roots.append(self.p2p.send(x, peer, t.tag, self.training))
         if self.is_last and n_model:
             if self.training:
@@ -285,7 +286,7 @@ class RankExecutor:
                 for _, outs in sorted(self._outputs.items())
             ]
             full = [torch.cat(parts, 0) if len(parts) > 1 else parts[0] for parts in zip(*per_mb)]
-        first_last = (self.plan.num_stages - 1) * self.size
+        first_last = self.plan.stage_mesh(self.plan.num_stages - 1).devices[0]
         if first_last == 0:
             return full if self.rank == 0 else None
         if self.rank == first_last:

@@ -12,6 +12,8 @@ whatever order `new_group` was given.
 
 from __future__ import annotations
 
+import itertools
+
 import torch.distributed as dist
 
 from .errors import DistributedError
@@ -80,23 +82,22 @@ def plan_group_rank_lists(plan) -> list[list[int]]:
 
     Per stage: the groups along each mesh axis, along every pair of axes (collectives over a
     flattened sub-mesh), and the whole stage; between neighbouring stages: the pair of ranks at
-    the same mesh coordinates (point-to-point transfers) and the union of both stages.
+    the same mesh coordinates when both meshes have one shape (point-to-point transfers).
     """
-    mesh, size = plan.mesh, plan.mesh.size
     out: list[list[int]] = []
-    for s in range(plan.num_stages):
-        off = s * size
+    meshes = [plan.stage_mesh(s) for s in range(max(plan.num_stages, 1))]
+    for mesh in meshes:
         for axis in range(mesh.ndim):
-            out += [[off + r for r in g] for g in mesh.groups(axis)]
-        out += _multi_axis_groups(mesh, off)
-        out.append([off + r for r in range(size)])
-    for s in range(plan.num_stages - 1):
-        for r in range(size):
-            out.append([s * size + r, (s + 1) * size + r])
+            out += [list(g) for g in mesh.groups(axis)]
+        out += _multi_axis_groups(mesh)
+        out.append(sorted(mesh.devices))
+    for a, b in itertools.pairwise(meshes):
+        if a.shape == b.shape:
+            out += [[x, y] for x, y in zip(a.devices, b.devices)]
     return out
 
 
-def _multi_axis_groups(mesh, off: int) -> list[list[int]]:
+def _multi_axis_groups(mesh) -> list[list[int]]:
     """Groups along each pair of axes of a >2-d mesh (a 2-d mesh's pair is the whole stage)."""
     if mesh.ndim <= 2:
         return []
@@ -107,7 +108,7 @@ def _multi_axis_groups(mesh, off: int) -> list[list[int]]:
         fixed = [i for i in range(mesh.ndim) if i not in (a, b)]
         for pt in itertools.product(*(range(mesh.shape[i]) for i in fixed)):
             sub = mesh.submesh({i: c for i, c in zip(fixed, pt)})
-            out.append([off + r for r in sub.devices])
+            out.append(list(sub.devices))
     return out
 
 

@@ -19,6 +19,7 @@ distributed and the single-device side, so the two compare element for element.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -74,9 +75,11 @@ class ShardedOptimizer:
         my_rank: int,
         config: OptimConfig,
         ties: Sequence[tuple[Sequence[str], Sequence[int]]] = (),
+        full_ties: Sequence = (),
     ):
         self.params = dict(params)
         self.ties = [(list(names), list(ranks)) for names, ranks in ties]
+        self.full_ties = list(full_ties)  # program.FullTie: copies on differently shaped stages
         self.sync = dict(sync)
         self.axis_ranks = [list(r) for r in axis_ranks]
         self.config = config
@@ -137,6 +140,36 @@ class ShardedOptimizer:
                 dist.all_reduce(total, group=get_group(ranks))
             for n in local:
                 self._grad(n).copy_(total)
+        for tie in self.full_ties:
+            self._sync_full_tie(tie)
+
+    def _sync_full_tie(self, tie) -> None:
+        """Sum tied copies whose shards do not line up (stages of different mesh shapes).
+
+        Each rank adds its shard's gradient into a zero full-size tensor, divided by the
+        number of ranks of its stage that hold the same, already summed, gradient (the
+        replicated axes sync_grads reduced). The all-reduce over every rank of the tie's
+        stages then gives the full sum of all copies; each rank takes its shard back. Under
+        ZeRO the zero axis is still unreduced: the shard is divided by its size, so the
+        reduce-scatter that follows sums it back to the total.
+        """
+        from ...ir.ops.collectives import cut_by_spec
+
+        local = [n for n in tie.names if n in self.params]
+        shape = _full_shape(self.params[local[0]].shape, tie.specs[local[0]])
+        index = torch.arange(math.prod(shape)).view(shape)
+        total = torch.zeros(math.prod(shape), dtype=self._grad(local[0]).dtype,
+                            device=self._grad(local[0]).device)
+        for n in local:
+            copies = math.prod(len(self.axis_ranks[a]) for a in self.sync[n].sum_axes)
+            flat = cut_by_spec(index, tie.specs[n]).reshape(-1).to(total.device)
+            total.index_add_(0, flat, self._grad(n).reshape(-1) / copies)
+        dist.all_reduce(total, group=get_group(tie.ranks))
+        for n in local:
+            z = self.sync[n].zero_axis
+            div = len(self.axis_ranks[z]) if z is not None else 1
+            flat = cut_by_spec(index, tie.specs[n]).reshape(-1).to(total.device)
+            self._grad(n).copy_((total[flat] / div).view_as(self._grad(n)))
 
     def _grad(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -209,3 +242,14 @@ def _padded(flat: torch.Tensor, size: int) -> torch.Tensor:
     if flat.numel() == size:
         return flat
     return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+def _full_shape(local: Sequence[int], spec: Sequence[tuple]) -> tuple[int, ...]:
+    """The full shape behind a shard cut by `spec` (each (dim, index, count[, blocks]) entry
+    divided dim `dim` by `count`)."""
+    shape = list(local)
+    for entry in spec:
+        if entry[0] == "rebatch":
+            raise ValueError("a tied parameter cannot be cut along a batch dim")
+        shape[entry[0]] *= entry[2]
+    return tuple(shape)

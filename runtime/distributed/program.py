@@ -221,8 +221,43 @@ def tied_params(graph: Graph, plan) -> list[tuple[list[str], list[int]]]:
 
 
 def tie_rank_groups(ties, plan) -> list[list[int]]:
-    """Rank groups (same mesh coordinates across the stages of a tie) for groups.py."""
-    size = plan.mesh.size
-    return [
-        [s * size + r for s in stages] for _, stages in ties if len(stages) > 1 for r in range(size)
-    ]
+    """Rank groups of the ties for groups.py: the ranks at the same mesh coordinates across
+    the stages of a tie when those stage meshes have one shape, else all their ranks."""
+    out = []
+    for _, stages in ties:
+        if len(stages) < 2:
+            continue
+        meshes = [plan.stage_mesh(s) for s in stages]
+        if len({m.shape for m in meshes}) == 1:
+            out += [[m.devices[r] for m in meshes] for r in range(meshes[0].size)]
+        else:
+            out.append(sorted(r for m in meshes for r in m.devices))
+    return out
+
+
+@dataclasses.dataclass
+class FullTie:
+    """Tied copies on stages of different mesh shapes: their shards do not line up, so the
+    gradients are summed as full tensors over every rank of those stages (optim.py)."""
+
+    names: list[str]
+    ranks: list[int]
+    specs: dict[str, list]  # this rank's shard spec (lower.py's format) of each name it holds
+
+
+def split_ties(ties, plan, stage: int, rank: int, program: RankProgram):
+    """This rank's ties: ([(names, ranks at its mesh coordinates)], [FullTie]), in the same
+    order on every rank (see tie_rank_groups)."""
+    local = plan.stage_mesh(stage).devices.index(rank)
+    specs = program.graph.meta.get("shard_specs") or {}
+    same, full = [], []
+    for names, stages in ties:
+        if stage not in stages:
+            continue
+        meshes = [plan.stage_mesh(s) for s in stages]
+        if len({m.shape for m in meshes}) == 1:
+            same.append((list(names), [m.devices[local] for m in meshes]))
+        else:
+            ranks = sorted(r for m in meshes for r in m.devices)
+            full.append(FullTie(list(names), ranks, {n: specs.get(n, []) for n in names}))
+    return same, full

@@ -294,7 +294,7 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
     pl = {v.name: tuple(ex.placements(v)) for v in program.graph.inputs if v.kind == "param"}
     given = program.graph.meta.get("shard_specs") or {}
     specs = {
-        n: given.get(n) or spec_from_placements(p, ex.coords, plan.mesh.shape)
+        n: given.get(n) or spec_from_placements(p, ex.coords, ex.mesh.shape)
         for n, p in pl.items()
     }
     opt = ex.optimizer.state_numel() if ex.optimizer else 0
