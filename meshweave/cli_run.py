@@ -8,6 +8,8 @@
   dp, tp        every device on that axis          pp       `--pp` stages (default: mesh size)
   dpxtp         a 2-d mesh "DPxTP"                  ppxtp    `--pp` stages of a TP mesh
   dpxpp         `--pp` stages of a DP mesh          auto     the searched plan (plan_parallel)
+`--plan-file FILE` runs a saved Plan JSON instead (`meshweave plan ... --out FILE`), including
+plans whose pipeline stages have meshes of different shapes.
 Named meshes ("dp=2,tp=2") imply the grid. Ranks run the planner's `lower_for_rank` programs
 (`--lowering split`: the runtime's own data/pipeline split, no tensor parallelism).
 `--check` reruns the model on one device and compares every output (with `--train`: the
@@ -35,6 +37,13 @@ def _setup(p) -> None:
         default=None,
         choices=["auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp"],
         help="plan kind (default: from a named mesh, else auto)",
+    )
+    p.add_argument(
+        "--plan-file",
+        default=None,
+        metavar="FILE",
+        help="run this Plan JSON (`meshweave plan --out FILE`; its stage meshes may differ); "
+        "--mesh/--pp/--plan/--micro-batches/--zero are then the plan's",
     )
     p.add_argument("--train", action="store_true", help="run training steps")
     p.add_argument("--steps", type=int, default=2, help="training steps (default 2)")
@@ -122,7 +131,10 @@ def _run(args) -> int:
     from meshweave.runtime.distributed.optim import OptimConfig
     from meshweave.runtime.distributed.runner import RunSpec
 
-    kind, dp, tp, pp = grid_from_args(args.mesh, args.pp, args.plan)
+    if args.plan_file:
+        kind, dp, tp, pp = "file", 1, 1, _plan_file_size(args.plan_file)
+    else:
+        kind, dp, tp, pp = grid_from_args(args.mesh, args.pp, args.plan)
     lr = args.lr if args.lr is not None else (0.1 if args.optim == "sgd" else 1e-3)
     spec = RunSpec(
         args.model,
@@ -142,10 +154,24 @@ def _run(args) -> int:
         lowering=args.lowering,
         timeout_s=args.timeout,
         device=args.device,
+        plan_file=args.plan_file,
     )
     if under_torchrun():
         return _run_torchrun(spec, args.check)
     return _run_local(spec, args.check)
+
+
+def _plan_file_size(path: str) -> int:
+    """Ranks a Plan JSON needs (read before tracing, so a bad file fails at once)."""
+    from meshweave.passes.parallel.plan import Plan
+
+    try:
+        with open(path) as f:
+            return Plan.from_json(f.read()).world_size
+    except OSError as e:
+        raise CLIError(f"--plan-file {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"--plan-file {path}: not a meshweave Plan JSON ({e})") from None
 
 
 def _prepare(spec):
@@ -192,9 +218,11 @@ def _run_torchrun(spec, check: bool) -> int:
 
 def _plan_line(job) -> str:
     p = job.plan
+    shapes = ["x".join(map(str, p.stage_mesh(s).shape)) for s in range(max(p.num_stages, 1))]
+    meshes = f"mesh {shapes[0]}" if p.uniform else "meshes " + " | ".join(shapes)
     return (
-        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x mesh "
-        f"{'x'.join(map(str, p.mesh.shape))} ({', '.join(p.mesh.names)}) = {p.world_size} "
+        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x {meshes} "
+        f"({', '.join(p.mesh.names)}) = {p.world_size} "
         f"ranks, {p.micro_batches} micro-batch(es), {p.schedule}, "
         f"ZeRO-1 {'on' if p.zero else 'off'}"
     )

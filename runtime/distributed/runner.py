@@ -40,7 +40,7 @@ from .optim import OptimConfig
 from .program import RankProgram, program_from_lowered, split_stages, tie_rank_groups, tied_params
 from .shards import assemble_from_specs, spec_from_placements
 
-PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed")
+PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed", "file")
 DEVICES = ("cpu", "cuda")
 
 
@@ -69,6 +69,7 @@ class RunSpec:
     timeout_s: float = 240.0
     hardware: str = "h100"  # the cost model's device, for plan="auto"
     device: str = "cpu"  # where ranks compute: "cpu" (gloo) or "cuda" (NCCL, a GPU per rank)
+    plan_file: str | None = None  # plan="file": a Plan JSON (devices: its world size)
 
     def __post_init__(self):
         if self.plan not in PLAN_KINDS:
@@ -180,6 +181,8 @@ def prepare(spec: RunSpec, traced=None, cache: dict | None = None) -> Job:
 
 def _planner_plan(spec: RunSpec, graph: Graph, planner):
     megatron_plan, plan_parallel, _ = planner
+    if spec.plan == "file":
+        return _plan_from_file(spec)
     if spec.plan == "auto":
         plan = plan_parallel(
             graph, spec.world_size, spec.hardware, batch=spec.batch, training=spec.training
@@ -199,11 +202,33 @@ def _planner_plan(spec: RunSpec, graph: Graph, planner):
     return plan
 
 
+def _plan_from_file(spec: RunSpec):
+    from ...passes.parallel.plan import Plan
+
+    if not spec.plan_file:
+        raise DistributedError("plan='file' needs RunSpec.plan_file")
+    with open(spec.plan_file) as f:
+        plan = Plan.from_json(f.read())
+    made_for = (plan.search or {}).get("batch")
+    if made_for is not None and made_for != spec.batch:
+        raise DistributedError(
+            f"{spec.plan_file}: the plan was made for a global batch of {made_for}, the run "
+            f"has {spec.batch}; pass --batch {made_for} or plan again"
+        )
+    if spec.devices and spec.devices != plan.world_size:
+        raise DistributedError(
+            f"{spec.plan_file}: the plan needs {plan.world_size} ranks, the run has "
+            f"{spec.devices}"
+        )
+    plan.training = spec.training
+    return plan
+
+
 def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
     """The runtime's own plan: dp replicas x pp stages of (roughly) equal node counts."""
     from ...passes.parallel.plan import Plan, StagePlan
 
-    if spec.tp != 1 or spec.plan == "auto":
+    if spec.tp != 1 or spec.plan in ("auto", "file"):
         raise DistributedError(
             f"plan {spec.plan!r} (tp={spec.tp}) needs the planner's "
             f"lowering (passes/parallel/lower.py), which is not available"
