@@ -100,6 +100,8 @@ def _setup_dump(p):
     p.add_argument("--rank", type=int, default=None,
                    help="dump rank N's program of the plan for --mesh (default: unpartitioned)")
     p.add_argument("--mesh", default=None, help="device mesh for --rank, e.g. 'tp=2' or 'pp=2'")
+    p.add_argument("--plan-file", default=None, metavar="FILE",
+                   help="--what plan / rank:N of this Plan JSON instead of one made for --mesh")
 
 
 DUMPERS: dict[str, Callable] = {}

@@ -223,6 +223,12 @@ def plan_report(plan) -> str:
         f"{ratio}"
     )
     lines.append(f"  stages (layers): {s.get('pipeline_layers')}")
+    if not plan.uniform:
+        lines += [
+            f"  stage {st.index}: mesh {'x'.join(map(str, plan.stage_mesh(st.index).shape))}, "
+            f"ranks {st.ranks}, layers {st.layers}"
+            for st in plan.stages
+        ]
     if s.get("note"):
         lines.append(f"  note: {s['note']}")
     return "\n".join(lines)
@@ -274,6 +280,17 @@ def _dump_plan_for(args):
     from meshweave.cli import compile_zoo_model
 
     _, _, cm = compile_zoo_model(args)
+    if getattr(args, "plan_file", None):
+        from meshweave.passes.parallel.plan import Plan
+
+        try:
+            with open(args.plan_file) as f:
+                return cm.graph, Plan.from_json(f.read())
+        except OSError as e:
+            raise CLIError(f"--plan-file {args.plan_file}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CLIError(f"--plan-file {args.plan_file}: not a meshweave Plan JSON ({e})") \
+                from None
     text = getattr(args, "mesh", None) or "4"
     from meshweave.ir.mesh import DeviceMesh
 

@@ -191,6 +191,10 @@ def test_run_plan_file_checks_against_one_device(tmp_path):
                  "--seq", str(SEQ), "--train", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "meshes 1x2 | 2x1" in r.stdout and "check passed" in r.stdout
+    dump = _run_cli("dump", "--model", "gpt-tiny", "--batch", str(BATCH), "--seq", str(SEQ),
+                    "--what", "rank:0", "--plan-file", str(path))
+    assert dump.returncode == 0, dump.stderr
+    assert "dist.send(" in dump.stdout and "aten.slice.Tensor" in dump.stdout  # half the batch
     bad = _run_cli("run", "--model", "gpt-tiny", "--plan-file", str(path), "--batch", "8",
                    "--seq", str(SEQ))
     assert bad.returncode != 0 and "made for a global batch of 4" in bad.stderr
