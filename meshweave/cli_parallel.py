@@ -51,6 +51,12 @@ def _setup_plan(p) -> None:
         help="repeated layers to trace; the real depth is planned from them "
         "(default 2; 0 traces the full model)",
     )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="the model's depth, when not the zoo config's (as `meshweave run --num-layers`)",
+    )
     p.add_argument("--max-stages", type=int, default=None, help="cap on pipeline stages")
     p.add_argument(
         "--pin",
@@ -125,8 +131,11 @@ def _split_placements(text: str) -> list[str]:
     return out
 
 
-def trace_for_planning(model: str, batch: int, seq: int, dtype: str, layers: int):
-    """(graph, real repeated-layer count or None, note) of a meta-device build of `model`."""
+def trace_for_planning(
+    model: str, batch: int, seq: int, dtype: str, layers: int, num_layers: int | None = None
+):
+    """(graph, real repeated-layer count or None, note) of a meta-device build of `model`
+    (with `num_layers` layers instead of its config's, when given)."""
     import dataclasses
 
     import torch
@@ -136,6 +145,11 @@ def trace_for_planning(model: str, batch: int, seq: int, dtype: str, layers: int
 
     try:
         spec = get_model_spec(model)
+        if num_layers is not None:
+            if not hasattr(spec.config, "num_layers") or num_layers < 1:
+                raise CLIError(f"--num-layers {num_layers}: {model} has no such layer count "
+                               "(want >= 1 on a config with num_layers)")
+            spec = get_model_spec(model, num_layers=num_layers)
     except UnknownModelError as e:
         raise CLIError(str(e)) from None
     cfg = spec.config
@@ -183,7 +197,7 @@ def _plan(args) -> int:
     budget = args.memory_gib * 2**30 if args.memory_gib is not None else None
     t0 = time.perf_counter()
     graph, repeats, note = trace_for_planning(
-        args.model, args.batch, args.seq, args.dtype, args.layers
+        args.model, args.batch, args.seq, args.dtype, args.layers, args.num_layers
     )
     t_trace = time.perf_counter() - t0
     plan = plan_parallel(

@@ -45,6 +45,12 @@ def _setup(p) -> None:
         help="run this Plan JSON (`meshweave plan --out FILE`; its stage meshes may differ); "
         "--mesh/--pp/--plan/--micro-batches/--zero are then the plan's",
     )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="the model's depth, when not the zoo config's (as `meshweave plan --num-layers`)",
+    )
     p.add_argument("--train", action="store_true", help="run training steps")
     p.add_argument("--steps", type=int, default=2, help="training steps (default 2)")
     p.add_argument(
@@ -155,6 +161,7 @@ def _run(args) -> int:
         timeout_s=args.timeout,
         device=args.device,
         plan_file=args.plan_file,
+        layers=args.num_layers,
     )
     if under_torchrun():
         return _run_torchrun(spec, args.check)

@@ -143,12 +143,14 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     batch: int = 2,
     seq: int = 16,
+    **config_overrides: Any,
 ) -> tuple[nn.Module, tuple]:
     """Seed torch, build ``name`` in eval mode and return ``(model, example_inputs)``.
 
-    Floating-point example inputs are cast to ``dtype`` so they match the weights.
+    Floating-point example inputs are cast to ``dtype`` so they match the weights; keyword
+    overrides replace config fields (``num_layers=3``), as in get_model_spec.
     """
-    spec = get_model_spec(name)
+    spec = get_model_spec(name, **config_overrides)
     model = spec.build(device=device, dtype=dtype, seed=seed)
     inputs = spec.example_inputs(batch=batch, seq=seq, device=device)
     inputs = tuple(

@@ -232,3 +232,25 @@ def test_version_1_plans_still_load():
     d["version"] = 7
     with pytest.raises(ValueError, match="version 7 is not supported"):
         Plan.from_json(json.dumps(d))
+
+
+@pytest.mark.timeout(300)
+def test_searched_submesh_plan_runs_end_to_end(tmp_path):
+    """The user's path: `meshweave plan` picks stages of different meshes (3 layers on 8
+    devices under a memory budget: Alpa's 4 + 2 + 2), `meshweave run --plan-file` trains
+    with it on 8 gloo ranks and --check compares losses and parameters with one device."""
+    path = tmp_path / "plan.json"
+    common = ["--model", "gpt-tiny", "--num-layers", "3", "--batch", "8", "--seq", "16",
+              "--train"]
+    r = _run_cli("plan", *common, "--layers", "0", "--mesh", "8", "--spec", "cpu",
+                 "--dtype", "float32", "--memory-gib", "0.0005", "--out", str(path))
+    assert r.returncode == 0, r.stderr
+    plan = Plan.from_json(path.read_text())
+    sizes = [plan.stage_mesh(s).size for s in range(plan.num_stages)]
+    assert not plan.uniform and sorted(sizes) != [sizes[0]] * len(sizes), r.stdout
+    assert plan.estimate["total"] < plan.search["uniform_best"]
+    _, inputs, graph = trace_model("gpt-tiny", 8, 16, 3)
+    got = simulate_plan(graph, plan, inputs)
+    assert_same_outputs(run_graph(graph, inputs), got, rtol=1e-4, atol=1e-5)
+    r = _run_cli("run", *common, "--plan-file", str(path), "--check")
+    assert r.returncode == 0 and "check passed" in r.stdout, r.stdout + r.stderr

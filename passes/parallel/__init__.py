@@ -25,8 +25,11 @@ The solvers never look at the model graph or the hardware: callers turn both int
 #   candidates.py      the pp x dp x tp x micro-batch configurations, cost caches
 #   megatron_grid.py   the Megatron-style baseline grid and megatron_plan()
 #   search.py          plan_parallel(): grid, ILP, memory multiplier, pipeline DP
+#   submesh_search.py  stages on meshes of their own size and shape (Alpa's sub-meshes)
+#   no_fit.py          the "nothing fits" error: the smallest per-device memory any plan needs
 #   plan_build.py      Plan construction; reshard.py the collectives between placements
 #   lower.py / lower_rank.py / lower_rules.py   lower_for_rank(): per-rank programs
+#   cross_mesh.py      the pieces a value moves in between stage meshes of different shapes
 #   simulate.py        simulate_plan(): every rank in one process (test oracle)
 #   calibrate.py       `meshweave calibrate`: measure the local device into a HardwareSpec
 _EXPORTS = {

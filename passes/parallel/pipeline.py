@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -47,8 +47,8 @@ from .pipeline_costs import (
 from .pipeline_dp import backtrack, masked_times, num_states, run_dp, search
 
 __all__ = [
-    "PipelinePlan", "PipelineStage", "StageCostTable", "alpa_submesh_shapes",
-    "brute_force_pipeline", "pipeline_latency", "plan_pipeline",
+    "PipelinePlan", "PipelineStage", "StageCostTable", "StagePartition", "alpa_submesh_shapes",
+    "brute_force_pipeline", "partition_stages", "pipeline_latency", "plan_pipeline",
 ]
 
 
@@ -170,6 +170,71 @@ def plan_pipeline(
     b, sched, t_max = best
     plan = _build_plan(tables[b], b, sched, t_max, n_dev, smax, memory_budget, mesh)
     return dataclasses.replace(plan, solve_seconds=time.perf_counter() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePartition:
+    """A DP result before devices are placed: stages (start, end, column), the micro-batch
+    count, the schedule and the DP's latency (sum of stage times + (B - 1) * max)."""
+
+    stages: tuple[tuple[int, int, int], ...]
+    num_microbatches: int
+    schedule: str
+    latency: float
+
+
+def partition_stages(
+    tables: Mapping[int, StageCostTable],
+    sizes: Sequence[int],
+    n_dev: int,
+    memory_budget: float | None = None,
+    *,
+    schedules: Sequence[str] = ("1f1b", "gpipe"),
+    best_latency: float = math.inf,
+    tmax_rel_gap: float = 0.0,
+    deadline: float | None = None,
+) -> StagePartition | None:
+    """The stage-partition DP over arbitrary table columns: column m of every table is a
+    stage layout that takes `sizes[m]` device units, and the chosen columns must use
+    exactly `n_dev` units. Several columns may have the same size (different logical
+    meshes, layouts or recomputation on one sub-mesh): the DP takes the best that fits.
+    Unlike `plan_pipeline` this does not place devices (the caller's sizes need not be
+    Alpa shapes of one cluster). `best_latency` prunes: only a partition strictly faster
+    counts (None when there is none, or nothing fits); `tmax_rel_gap` as in plan_pipeline;
+    past `deadline` (time.perf_counter()) the best partition found so far is returned."""
+    sz = np.asarray(sizes, dtype=int)
+    if sz.ndim != 1 or (sz < 1).any() or n_dev < 1:
+        raise ValueError(f"partition_stages: sizes {list(sizes)} and device count {n_dev} "
+                         "must be positive")
+    if not _tiles(sz, n_dev):
+        raise ValueError(f"partition_stages: stage sizes {sorted(set(sz.tolist()))} cannot "
+                         f"add up to {n_dev} devices; give sizes that tile the device count")
+    best, best_lat = None, best_latency
+    for b, tab in tables.items():
+        if tab.time.shape[2] != len(sz):
+            raise ValueError(f"partition_stages: table for B={b} has {tab.time.shape[2]} "
+                             f"columns for {len(sz)} sizes")
+        smax = min(tab.num_layers, n_dev)
+        for sched in schedules:
+            base = masked_times(tab, b, sched, num_states(sched, b, smax), memory_budget)
+            r = search(base, sz, n_dev, b, best_lat, tmax_rel_gap, deadline)
+            if r is not None:
+                best_lat, best = r[0], (b, sched, base, r[1])
+    if best is None:
+        return None
+    b, sched, base, t_max = best
+    times = np.where(base <= t_max, base, np.inf)
+    raw = backtrack(times, sz, n_dev, run_dp(times, sz, n_dev))
+    return StagePartition(tuple(raw), b, sched, best_lat)
+
+
+def _tiles(sizes: np.ndarray, n_dev: int) -> bool:
+    """Can stages of these sizes (each any number of times) use exactly n_dev devices?"""
+    reach = np.zeros(n_dev + 1, dtype=bool)
+    reach[0] = True
+    for d in range(1, n_dev + 1):
+        reach[d] = any(reach[d - s] for s in set(sizes.tolist()) if s <= d)
+    return bool(reach[n_dev])
 
 
 def _compositions(n: int, parts: int) -> list[tuple[int, ...]]:

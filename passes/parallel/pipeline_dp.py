@@ -19,6 +19,7 @@ best latency found. Only the candidates around the steps of F get a DP.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -108,8 +109,10 @@ def backtrack(
 def search(
     base: np.ndarray, sizes: np.ndarray, n_dev: int, b: int, best_latency: float,
     rel_gap: float = 0.0,
+    deadline: float | None = None,
 ) -> tuple[float, float] | None:
-    """(latency, t_max) of the best plan if it beats `best_latency`, else None."""
+    """(latency, t_max) of the best plan if it beats `best_latency`, else None. Past
+    `deadline` (time.perf_counter()) the bisection stops with the best found so far."""
     finite = base[np.isfinite(base)]
     if finite.size == 0:
         return None
@@ -128,6 +131,8 @@ def search(
     found: list[tuple[float, float]] = []
     stack = [(0, len(cands) - 1)]
     while stack:
+        if deadline is not None and found and time.perf_counter() > deadline:
+            break
         lo, hi = stack.pop()
         f_lo, f_hi = total(lo), total(hi)
         if f_hi + (b - 1) * cands[lo] >= best_latency:

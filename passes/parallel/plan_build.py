@@ -9,7 +9,8 @@ ones proportionally and says so in `plan.search["reduced_trace"]`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ...ir.graph import Node, Value
 from ...ir.sharding import Replicate
@@ -18,7 +19,11 @@ from .candidates import Config, PlannerState
 from .plan import CollectiveRecord, Plan, StagePlan
 from .problem import GraphContext, Key
 from .reshard import reshard_steps
-from .staging import PartitionEval
+from .sharding_rules import node_inputs
+from .staging import PartitionEval, unit_names
+
+if TYPE_CHECKING:
+    from .submesh_search import SubmeshCandidate
 
 
 def expand_assignment(ctx: GraphContext, assign: dict[Key, Any]) -> dict[Key, Any]:
@@ -79,18 +84,15 @@ def _text(pl: tuple | None) -> tuple[str, ...] | None:
     return None if pl is None else tuple(str(p) for p in pl)
 
 
-def build_plan(
-    state: PlannerState,
-    cfg: Config,
-    assign: dict[Key, Any],
-    ev: PartitionEval,
-    info: dict[str, Any],
-) -> Plan:
-    ctx = state.ctx
-    full = expand_assignment(ctx, assign)
+def _placements(
+    ctx: GraphContext, assign: dict[Key, Any], keep: Callable[[Key], bool] | None = None
+) -> tuple[dict[str, tuple[str, ...]], dict[str, list]]:
+    """Placement strings per value and per node input, for the keys `keep` accepts."""
     placements: dict[str, tuple[str, ...]] = {}
     input_pl: dict[str, list] = {}
-    for k, s in full.items():
+    for k, s in expand_assignment(ctx, assign).items():
+        if keep is not None and not keep(k):
+            continue
         if isinstance(k, Node):
             for o, pl in zip(k.outputs, s.outs):
                 if pl is not None:
@@ -99,6 +101,40 @@ def build_plan(
                 input_pl[k.outputs[0].name] = [_text(pl) for pl in s.ins]
         elif isinstance(k.type, TensorType):
             placements[k.name] = _text(s)
+    return placements, input_pl
+
+
+def _search_info(state: PlannerState, ev: PartitionEval, micro_batches: int) -> dict[str, Any]:
+    ctx = state.ctx
+    traced = len(ctx.layers.layers)
+    return {
+        "model": ctx.graph.name,
+        "batch": state.batch,
+        "traced_batch": ctx.batch.traced_batch,
+        "micro_batch_size": state.batch // micro_batches,
+        "spec": state.spec.name,
+        "dtype": state.dtype,
+        "layers": ctx.layers.num_layers,
+        "traced_layers": traced,
+        "reduced_trace": ctx.layers.num_layers != traced,
+        "pipeline_layers": [list(s.layers) for s in ev.stages],
+        "stage_times": [s.time for s in ev.stages],  # per micro-batch, for the report's timeline
+    }
+
+
+def _estimate(ev: PartitionEval) -> dict[str, float]:
+    return {"total": ev.total, "compute": ev.compute, "comm": ev.comm, "bubble": ev.bubble}
+
+
+def build_plan(
+    state: PlannerState,
+    cfg: Config,
+    assign: dict[Key, Any],
+    ev: PartitionEval,
+    info: dict[str, Any],
+) -> Plan:
+    ctx = state.ctx
+    placements, input_pl = _placements(ctx, assign)
     cuts = [s.layers[0] for s in ev.stages] + [ev.stages[-1].layers[1]]
     size = cfg.mesh.size
     stages = [
@@ -111,21 +147,7 @@ def build_plan(
         )
         for i, nodes in enumerate(stage_nodes(ctx, cuts))
     ]
-    traced = len(ctx.layers.layers)
-    search = {
-        "model": ctx.graph.name,
-        "batch": state.batch,
-        "traced_batch": ctx.batch.traced_batch,
-        "micro_batch_size": state.batch // cfg.micro_batches,
-        "spec": state.spec.name,
-        "dtype": state.dtype,
-        "layers": ctx.layers.num_layers,
-        "traced_layers": traced,
-        "reduced_trace": ctx.layers.num_layers != traced,
-        "pipeline_layers": [list(s.layers) for s in ev.stages],
-        "stage_times": [s.time for s in ev.stages],  # per micro-batch, for the report's timeline
-        **info,
-    }
+    search = {**_search_info(state, ev, cfg.micro_batches), **info}
     plan = Plan(
         mesh=cfg.mesh,
         num_stages=cfg.pp,
@@ -136,7 +158,7 @@ def build_plan(
         zero=state.training and cfg.mesh.shape[0] > 1,
         training=state.training,
         collectives=collective_records(state, cfg, assign, ev),
-        estimate={"total": ev.total, "compute": ev.compute, "comm": ev.comm, "bubble": ev.bubble},
+        estimate=_estimate(ev),
         memory={f"stage{i}": int(s.memory) for i, s in enumerate(ev.stages)},
         search=search,
         input_placements=input_pl,
@@ -148,18 +170,41 @@ def collective_records(
     state: PlannerState, cfg: Config, assign: dict[Key, Any], ev: PartitionEval
 ) -> list[CollectiveRecord]:
     """The collectives the lowering inserts, per value, with how often they run per step."""
-    ctx, model = state.ctx, state.model(cfg.mesh, state.batch // cfg.micro_batches)
+    model = state.model(cfg.mesh, state.batch // cfg.micro_batches)
+    out = _layout_records(state, model, assign, cfg.micro_batches, _whole_model(state.ctx))
+    return out + _stage_transfers(len(ev.stages), cfg.micro_batches, state.training)
+
+
+def _whole_model(ctx: GraphContext) -> dict[str, int]:
+    """How many times each segment of the reduced graph runs in the whole model."""
+    counts = {seg: 1 for seg in ctx.segment.values()}
+    counts["rep"] = ctx.layers.repeats
+    return counts
+
+
+def _stage_transfers(n_stages: int, b: int, training: bool) -> list[CollectiveRecord]:
+    return [
+        CollectiveRecord("send_recv", f"stage{i}->stage{i + 1}", "pp", 0, b * (2 if training else 1))
+        for i in range(n_stages - 1)
+    ]
+
+
+def _layout_records(
+    state: PlannerState, model, assign: dict[Key, Any], b: int, counts: dict[str, int]
+) -> list[CollectiveRecord]:
+    """Resharding and gradient-sync collectives of the segments in `counts` (segment name ->
+    times it runs per micro-batch: the whole model, or one stage's share of it)."""
+    ctx = state.ctx
     names = model.mesh.names
-    b = cfg.micro_batches
     out: list[CollectiveRecord] = []
     for src, v, n, i, kind in ctx.edges():
-        if kind == "loop":
+        per_layer = counts.get(ctx.segment.get(n), 0)
+        if kind == "loop" or not per_layer:
             continue
         src_pl = assign[src].outs[src.outputs.index(v)] if isinstance(src, Node) else assign[src]
         dst_pl = assign[n].ins[i]
         if dst_pl is None or src_pl == dst_pl:
             continue
-        per_layer = ctx.layers.repeats if ctx.segment.get(n) == "rep" else 1
         for step in reshard_steps(src_pl, dst_pl):
             if step.kind == "slice":
                 continue
@@ -173,27 +218,20 @@ def collective_records(
                     step.kind, v.name, names[step.axis], int(model.value_bytes(v, src_pl)), count
                 )
             )
-    out += _grad_sync_records(ctx, model, assign, state.training)
-    for i, st in enumerate(ev.stages[:-1]):
-        out.append(
-            CollectiveRecord(
-                "send_recv", f"stage{i}->stage{i + 1}", "pp", 0, b * (2 if state.training else 1)
-            )
-        )
-    return out
+    return out + _grad_sync_records(ctx, model, assign, state.training, counts)
 
 
 def _grad_sync_records(
-    ctx: GraphContext, model, assign: dict[Key, Any], training: bool
+    ctx: GraphContext, model, assign: dict[Key, Any], training: bool, counts: dict[str, int]
 ) -> list[CollectiveRecord]:
     if not training:
         return []
     out = []
     for v, segs in ctx.input_segments().items():
-        if v.kind != "param":
+        if v.kind != "param" or not any(counts.get(sg, 0) for sg in segs):
             continue
         pl = assign[v]
-        reps = ctx.layers.repeats if segs == {"rep"} else 1
+        reps = counts.get("rep", 0) if segs == {"rep"} else 1
         for a, p in enumerate(pl):
             if (
                 isinstance(p, Replicate)
@@ -219,3 +257,63 @@ def _reduced_over(ctx: GraphContext, assign: dict[Key, Any], v: Value, axis: int
         if s is not None and s.split_axes()[axis]:
             return True
     return False
+
+
+def _stage_counts(ctx: GraphContext, layers: tuple[int, int], n_units: int) -> dict[str, int]:
+    """How many times each reduced-graph segment runs on the stage holding units [k, e)."""
+    k, e = layers
+    counts: dict[str, int] = {}
+    for name in unit_names(ctx)[k:e]:
+        counts[name] = counts.get(name, 0) + 1
+    counts["pre"] = int(k == 0)
+    counts["post"] = int(e == n_units)
+    return counts
+
+
+def build_submesh_plan(state: PlannerState, cand: SubmeshCandidate, info: dict[str, Any]) -> Plan:
+    """A Plan whose stages have their own meshes (Alpa-style sub-meshes).
+
+    Each stage's nodes take the placements of that stage's own layout; a graph input takes
+    those of the stage of its first consumer. `plan.mesh` is the first stage's mesh (it
+    names the axes; every stage mesh has the same axes). Collectives and memory are per
+    stage; ZeRO-1 is on when some stage has a data-parallel axis larger than one."""
+    ctx, ev, b = state.ctx, cand.evaluation, cand.micro_batches
+    cuts = [s.layers[0] for s in ev.stages] + [ev.stages[-1].layers[1]]
+    nodes_of = stage_nodes(ctx, cuts)
+    stage_of: dict[Node, int] = {n: i for i, ns in enumerate(nodes_of) for n in ns}
+    first_use: dict[Value, int] = {}
+    for n in ctx.graph.nodes:
+        for v in node_inputs(n):
+            first_use.setdefault(v, stage_of.get(n, 0))
+    placements: dict[str, tuple[str, ...]] = {}
+    input_pl: dict[str, list] = {}
+    collectives: list[CollectiveRecord] = []
+    n_units = cand.layouts[0].units.num_units
+    for i, lay in enumerate(cand.layouts):
+        def keep(key, i=i):
+            return (stage_of.get(key) if isinstance(key, Node) else first_use.get(key, 0)) == i
+
+        pl, ipl = _placements(ctx, lay.assign, keep)
+        placements.update(pl)
+        input_pl.update(ipl)
+        model = state.model(lay.mesh, state.batch // b)
+        counts = _stage_counts(ctx, ev.stages[i].layers, n_units)
+        collectives += _layout_records(state, model, lay.assign, b, counts)
+    collectives += _stage_transfers(len(ev.stages), b, state.training)
+    stages = [
+        StagePlan(i, [n.outputs[0].name for n in nodes if n.outputs], list(cand.devices[i]),
+                  ev.stages[i].recompute, ev.stages[i].layers, tuple(lay.mesh.shape))
+        for i, (nodes, lay) in enumerate(zip(nodes_of, cand.layouts))
+    ]
+    search = {**_search_info(state, ev, b), **info,
+              "stage_meshes": [list(lay.mesh.shape) for lay in cand.layouts]}
+    plan = Plan(
+        mesh=cand.layouts[0].mesh, num_stages=len(stages), placements=placements,
+        stages=stages, micro_batches=b, schedule=ev.schedule,
+        zero=state.training and any(lay.mesh.shape[0] > 1 for lay in cand.layouts),
+        training=state.training, collectives=collectives, estimate=_estimate(ev),
+        memory={f"stage{i}": int(s.memory) for i, s in enumerate(ev.stages)},
+        search=search, input_placements=input_pl,
+    )
+    plan.validate()
+    return plan

@@ -1,6 +1,6 @@
 """The automatic parallel planner: `plan_parallel(graph, mesh_or_count, spec, batch=...)`.
 
-Search, in three rounds over the configurations of candidates.py (pipeline depth x stage mesh
+Search, in four rounds over the configurations of candidates.py (pipeline depth x stage mesh
 dp x tp x micro-batch count):
 
 1. Megatron grid. Every configuration is costed with the Megatron layout (megatron_grid.py);
@@ -17,6 +17,12 @@ dp x tp x micro-batch count):
    decided per stage, only where the stage does not fit without it. ZeRO-1 shards
    the optimizer states over the data-parallel axis whenever it is larger than one.
 
+4. Sub-meshes (device count only). submesh_search.py lets each stage take its own (dp, tp)
+   mesh and size (Alpa: 4 + 2 + 2 devices for 3 stages on 8), with per-mesh layouts and a
+   DP over stage sizes, seeded by the best uniform candidates; kept only when strictly
+   faster than the uniform best (plan.search["uniform_best"] records that). It gets at
+   most as long again as rounds 1-3 took (at least 3 s), within `time_budget`.
+
 All candidates are scored by the same step estimate (staging.py), so the plan returned is
 never slower than the best grid configuration. When no configuration fits, the error names
 the smallest per-device memory any configuration needs.
@@ -30,18 +36,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from ...ir.graph import Graph
 from ...ir.mesh import DeviceMesh
-from .candidates import Config, PlannerState, microbatch_options, stage_meshes
+from .candidates import Config, PlannerState, stage_meshes
 from .hardware import HardwareSpec, get_spec
 from .ilp import solve_intra_op
 from .ilp_problem import IntraOpProblem, NoFeasiblePlanError, Strategy
 from .megatron_grid import GridEntry, megatron_grid, state_megatron
+from .no_fit import raise_no_fit
 from .pipeline import plan_pipeline
 from .plan import Plan
-from .plan_build import build_plan
+from .plan_build import build_plan, build_submesh_plan
 from .problem import Key, assignment_segments
 from .staging import (
     PartitionEval,
@@ -51,6 +56,7 @@ from .staging import (
     unit_table,
 )
 from .strategies import PlanningError
+from .submesh_search import SubmeshCandidate, submesh_round
 
 
 @dataclasses.dataclass
@@ -117,9 +123,17 @@ def plan_parallel(
         )
     cands = _ilp_round(state, grid.entries, top_k, t0 + 0.8 * time_budget)
     if not cands:
-        _raise_no_fit(state, grid.entries)
+        raise_no_fit(state, grid.entries)
     cands.sort(key=lambda c: c.step_time)
     best = _pipeline_round(state, cands[: max(2, top_k // 2)])
+    sub = None
+    if not isinstance(mesh_or_device_count, DeviceMesh) and (max_stages or 2) > 1:
+        # at most as long again as the uniform search took (>= 3 s), within the budget
+        now = time.perf_counter()
+        deadline = min(t0 + time_budget, now + max(3.0, now - t0))
+        sub = _submesh_round(state, int(mesh_or_device_count), best, cands, deadline)
+        if sub is not None and max_stages is not None and len(sub.layouts) > max_stages:
+            sub = None  # the DP does not bound the stage count; the caller did
     info = {
         "solver": best.source,
         "seconds": time.perf_counter() - t0,
@@ -133,6 +147,10 @@ def plan_parallel(
     }
     if memory_budget is not None:
         info["memory_budget"] = float(memory_budget)
+    if sub is not None:
+        info.update(solver=sub.source, uniform_best=best.step_time,
+                    uniform_best_config=best.config.label())
+        return build_submesh_plan(state, sub, info)
     return build_plan(state, best.config, best.assign, best.evaluation, info)
 
 
@@ -360,71 +378,29 @@ def _pipeline_round(state: PlannerState, cands: list[Candidate]) -> Candidate:
     return best
 
 
-def _raise_no_fit(state: PlannerState, entries: list[GridEntry]) -> None:
-    """Name the smallest per-device memory any configuration needs, then raise."""
-    need, where = math.inf, None
-    seen = set()
-    for e in entries:
-        key = (e.config.pp, e.config.mesh.shape)
-        if key in seen:
-            continue
-        seen.add(key)
-        opts = microbatch_options(state.batch, e.config.pp, e.config.dp, state.training)
-        cfg = Config(e.config.pp, e.config.mesh, max(opts))
-        mem = _min_memory(state, cfg)
-        if mem < need:
-            need, where = mem, cfg
-    budget = state.budget()
-    if state.memory_budget is not None:
-        where_budget = "the given memory budget"
-    else:
-        where_budget = (
-            f"{state.spec.name}, {state.spec.memory_bytes / 2**30:.1f} GiB with "
-            f"{1 - budget / state.spec.memory_bytes:.0%} reserved"
-        )
-    raise NoFeasiblePlanError(
-        f"no parallel plan fits in {_size(budget)} per device ({where_budget}); the smallest "
-        f"per-device memory any plan needs is {_size(need)} ({need:.4g} bytes, "
-        f"{where.label() if where else 'n/a'}, recomputation on)",
-        min_memory_bytes=need,
-        memory_budget=budget,
-    )
+def _submesh_round(
+    state: PlannerState, n_dev: int, best: Candidate, cands: list[Candidate], deadline: float
+) -> SubmeshCandidate | None:
+    """Alpa-style stage sub-meshes (submesh_search.py), seeded by the best uniform
+    candidates; None unless strictly faster than `best`."""
+    if time.perf_counter() > deadline:
+        return None
+    seeds = [(c.config.pp, c.config.mesh, c.config.micro_batches) for c in [best, *cands]]
+    known = [(c.config.mesh, state.batch // c.config.micro_batches, c.assign, c.source)
+             for c in cands if c.source != "megatron"]
 
+    def solve(mesh: DeviceMesh, mbs: int):
+        """Time-optimal ILP layout of one stage mesh (weighted as a uniform stage would be)."""
+        pp = max(1, n_dev // mesh.size)
+        cfg = Config(pp, mesh, state.batch // mbs)
+        try:
+            raw = state.raw(mesh, mbs)
+            sol = _solve(_problem(state, cfg, raw, False), deadline)
+        except PlanningError:  # e.g. a pin this mesh cannot honour
+            return None
+        return raw.assignment(raw.decode(sol.choice)) if sol is not None else None
 
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= 0.1 * scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} bytes"
-
-
-def _min_memory(state: PlannerState, cfg: Config) -> float:
-    """Peak stage memory of the memory-minimal assignment (recomputation on)."""
-    mbs = state.batch // cfg.micro_batches
-    raw = state.raw(cfg.mesh, mbs)
-    per_stage = math.ceil(max(1, state.ctx.layers.repeats) / cfg.pp)
-    inflight = min(cfg.micro_batches, cfg.pp) if state.training else 1
-    prob = raw.intra_op(per_stage, inflight, cfg.micro_batches, True, None)
-    mem_prob = IntraOpProblem()
-    for n in prob.nodes:
-        mem_prob.add_node(
-            n.name, [Strategy(s.name, s.memory_bytes, 0.0, 0.0) for s in n.strategies], n.weight
-        )
-    for e in prob.edges:
-        mem_prob.add_edge(e.src, e.dst, np.where(np.isfinite(e.cost), 0.0, np.inf), e.weight)
-    sol = solve_intra_op(mem_prob, time_limit=10.0)
-    assign = raw.assignment(raw.decode(sol.choice))
-    return _evaluate_forced(state, cfg, assign)
-
-
-def _evaluate_forced(state: PlannerState, cfg: Config, assign: dict[Key, Any]) -> float:
-    mbs = state.batch // cfg.micro_batches
-    segs = assignment_segments(state.ctx, state.model(cfg.mesh, mbs), assign)
-    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
-    cuts = uniform_cuts(units.num_units, cfg.pp)
-    sched = "1f1b" if state.training else "gpipe"
-    ev = evaluate_partition(units, cuts, cfg.micro_batches, sched, None, state.training)
-    return ev.peak_memory
+    return submesh_round(state, n_dev, seeds, known, best.step_time, deadline, solve)
 
 
 def search_stats(plan: Plan) -> dict[str, Any]:

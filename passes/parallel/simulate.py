@@ -80,7 +80,14 @@ def _run_micro_batch(programs: list[Graph], feeds: dict[str, Any]) -> dict[int, 
             else:
                 key = (n.kwargs["src"], r, n.kwargs["tag"])
                 if key in mailbox:
-                    _advance(r, gens[r], mailbox.pop(key), waiting, results)
+                    got = mailbox.pop(key)
+                    if list(got.shape) != list(n.kwargs["shape"]):
+                        raise LoweringError(
+                            f"rank {r}: {n.outputs[0].name} = dist.recv(src={key[0]}, "
+                            f"tag={key[2]}) expects shape {list(n.kwargs['shape'])}, the "
+                            f"sender sent {list(got.shape)}"
+                        )
+                    _advance(r, gens[r], got, waiting, results)
                     progressed = True
         progressed |= _fire_collectives(gens, waiting, results)
         if not progressed:

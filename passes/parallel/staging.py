@@ -53,13 +53,8 @@ class UnitTable:
         return len(self.compute)
 
 
-def unit_table(
-    ctx: GraphContext,
-    segs: dict[str, SegmentCost],
-    spec: HardwareSpec,
-    stage_size: int,
-    training: bool,
-) -> UnitTable:
+def unit_names(ctx: GraphContext) -> list[str]:
+    """The segment each pipeline unit (real layer) costs as: "rep" or "x<j>"."""
     names: list[str] = []
     c = ctx.layers.cluster
     for j in range(len(ctx.layers.layers)):
@@ -68,6 +63,17 @@ def unit_table(
                 names += ["rep"] * ctx.layers.repeats
         else:
             names.append(f"x{j}")
+    return names
+
+
+def unit_table(
+    ctx: GraphContext,
+    segs: dict[str, SegmentCost],
+    spec: HardwareSpec,
+    stage_size: int,
+    training: bool,
+) -> UnitTable:
+    names = unit_names(ctx)
     empty = SegmentCost()
     rows = [segs.get(n, empty) for n in names] or [empty]  # no layers: one empty unit
     rc = 4.0 / 3.0 if training else 1.0
@@ -103,18 +109,32 @@ class StageEval:
     inflight: int
 
 
+def transfer_time(sender: UnitTable, receiver: UnitTable, unit: int) -> float:
+    """Seconds to hand unit `unit`'s output from a stage laid out as `sender` to one laid out
+    as `receiver`. Same mesh: each device sends its shard to its twin (one send_recv of the
+    per-device boundary bytes). Different meshes (Alpa's cross-mesh resharding): every
+    device still moves at most the larger of the two per-device shards, over the slower of
+    the two stages' links; for equal meshes this is exactly the uniform cost."""
+    nbytes = max(float(sender.boundary[unit]), float(receiver.boundary[unit]))
+    link = min((sender.p2p_link, receiver.p2p_link), key=lambda lk: lk.bandwidth_Bps)
+    return collective_time("send_recv", nbytes, 2, link)
+
+
 def eval_stage(
-    u: UnitTable, k: int, e: int, n_units: int, inflight: int, recompute: bool
+    u: UnitTable, k: int, e: int, n_units: int, inflight: int, recompute: bool,
+    prev: UnitTable | None = None, nxt: UnitTable | None = None,
 ) -> StageEval:
+    """One stage's costs; `prev`/`nxt` are the neighbouring stages' layouts when they differ
+    from this stage's (heterogeneous sub-meshes), for the transfer costs."""
     first, last = k == 0, e == n_units
     ends = ([u.pre] if first else []) + ([u.post] if last else [])
     compute = float((u.compute_rc if recompute else u.compute)[k:e].sum())
     compute += sum(s.compute for s in ends)
     comm = float(u.comm[k:e].sum()) + sum(s.comm for s in ends)
     if not last:
-        comm += collective_time("send_recv", float(u.boundary[e - 1]), 2, u.p2p_link)
+        comm += transfer_time(u, nxt or u, e - 1)
     if not first and u.training:
-        comm += collective_time("send_recv", float(u.boundary[k - 1]), 2, u.p2p_link)
+        comm += transfer_time(prev or u, u, k - 1)
     sync = float(u.sync[k:e].sum()) + sum(s.sync for s in ends)
     wmem = float(u.wmem[k:e].sum()) + sum(s.weight_memory for s in ends)
     end_act = sum(s.activation_memory for s in ends)
@@ -153,17 +173,32 @@ def evaluate_partition(
 ) -> PartitionEval:
     """Step estimate of stages [cuts[i], cuts[i+1]); recompute "auto" decides per stage."""
     n = len(cuts) - 1
+    return evaluate_stages([u] * n, cuts, micro_batches, schedule, budget, recompute)
+
+
+def evaluate_stages(
+    layouts: Sequence[UnitTable],
+    cuts: Sequence[int],
+    micro_batches: int,
+    schedule: str,
+    budget: float | None,
+    recompute: str | bool = "auto",
+) -> PartitionEval:
+    """`evaluate_partition` with one unit table per stage (each stage's own sub-mesh and
+    layout); transfers between stages of different layouts cost the cross-mesh transfer."""
+    n = len(cuts) - 1
     stages = []
-    for i in range(n):
+    for i, u in enumerate(layouts):
         inflight = inflight_microbatches(schedule, micro_batches, n, i) if u.training else 1
         k, e = cuts[i], cuts[i + 1]
+        nb = {"prev": layouts[i - 1] if i else None, "nxt": layouts[i + 1] if i + 1 < n else None}
         if recompute == "auto":
-            st = eval_stage(u, k, e, u.num_units, inflight, False)
+            st = eval_stage(u, k, e, u.num_units, inflight, False, **nb)
             if u.training and budget is not None and st.memory > budget:
-                rc = eval_stage(u, k, e, u.num_units, inflight, True)
+                rc = eval_stage(u, k, e, u.num_units, inflight, True, **nb)
                 st = rc if rc.memory < st.memory else st
         else:
-            st = eval_stage(u, k, e, u.num_units, inflight, bool(recompute))
+            st = eval_stage(u, k, e, u.num_units, inflight, bool(recompute), **nb)
         stages.append(st)
     times = [s.time for s in stages]
     worst = stages[int(np.argmax(times))]
@@ -190,12 +225,15 @@ def uniform_cuts(n_units: int, n_stages: int) -> list[int] | None:
 
 
 def stage_table(
-    u: UnitTable, micro_batches: int, n_stages: int, budget: float | None
+    u: UnitTable, micro_batches: int, n_stages: int, budget: float | None,
+    recompute: bool | None = None,
 ) -> StageCostTable:
     """Stage costs of every layer range for pipeline.plan_pipeline (one 1x1 'sub-mesh': the
     stage mesh is fixed, so only the partition is searched). Same numbers as `eval_stage`,
     vectorised over the range end; a range that does not fit with the first stage's
-    in-flight micro-batches uses recomputation when that needs less memory."""
+    in-flight micro-batches uses recomputation when that needs less memory. `recompute`
+    True/False forces it on/off instead (the sub-mesh search offers both as columns and
+    lets the DP's per-stage memory check choose)."""
     n = u.num_units
     inflight = min(micro_batches, n_stages) if u.training else 1
     t = np.full((n, n + 1, 1), np.inf)
@@ -235,9 +273,12 @@ def stage_table(
         per_rc = cs["boundary"][ends] - cs["boundary"][k] + end_act
         mem = weights + inflight * act_sum
         mem_rc = weights + work + inflight * per_rc
-        use_rc = (
-            (mem > budget) & (mem_rc < mem) if budget is not None else np.zeros(len(ends), bool)
-        )
+        if recompute is not None:
+            use_rc = np.full(len(ends), bool(recompute))
+        elif budget is not None:
+            use_rc = (mem > budget) & (mem_rc < mem)
+        else:
+            use_rc = np.zeros(len(ends), bool)
         t[k, k + 1 :, 0] = np.where(use_rc, compute_rc, compute) + comm
         w[k, k + 1 :, 0] = np.where(use_rc, weights + work, weights)
         a[k, k + 1 :, 0] = np.where(use_rc, per_rc, act_sum)

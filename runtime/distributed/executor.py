@@ -94,6 +94,7 @@ class RankExecutor:
             plan.schedule, plan.num_stages, self.stage, plan.micro_batches, training
         )
         self._last_use = _last_uses(program.graph)
+        self._dangling = _dangling_collectives(program.graph)
         self.optimizer = None
         if training:
             for p in self.params.values():
@@ -194,9 +195,18 @@ class RankExecutor:
                 run_node(n, env)
             else:
                 _run_dist_node(self, n, env, impl, mb)
+                if i in self._dangling and self.training:
+                    self._keep_adjoint(env[n.outputs[0]])
             for v in self._last_use.get(i, ()):
                 env.pop(v, None)
         return [env[v] for v in g.outputs]
+
+    def _keep_adjoint(self, y) -> None:
+        """A collective whose result this rank does not use (it sends no piece of a value the
+        group reduced for a cross-mesh transfer) still runs its adjoint in backward, as the
+        group's other ranks do: a zero-gradient root."""
+        if isinstance(y, torch.Tensor) and y.requires_grad:
+            self._inline_roots.append(y.sum() * 0)
 
     def _forward(self, mb: int, inputs, labels) -> None:
         outs = self.run_program(self._stage_inputs(inputs, mb), mb)
@@ -345,6 +355,16 @@ _DTYPES = [
     torch.int8,
     torch.uint8,
 ]
+
+def _dangling_collectives(g) -> set[int]:
+    """Indexes of dist.* collective nodes whose output nothing reads."""
+    used = {v for n in g.nodes for v in n.inputs} | set(g.outputs)
+    return {
+        i for i, n in enumerate(g.nodes)
+        if n.op in DIST_OPS and n.op not in ("dist.send", "dist.recv")
+        and n.outputs and n.outputs[0] not in used
+    }
+
 
 # ------------------------------------------------------------------------ dist.* dispatch
 # op name -> impl(executor, node, args, kwargs, mb) -> result. Args arrive with Values replaced

@@ -70,6 +70,7 @@ class RunSpec:
     hardware: str = "h100"  # the cost model's device, for plan="auto"
     device: str = "cpu"  # where ranks compute: "cpu" (gloo) or "cuda" (NCCL, a GPU per rank)
     plan_file: str | None = None  # plan="file": a Plan JSON (devices: its world size)
+    layers: int | None = None  # the model's layer count, when not the zoo config's
 
     def __post_init__(self):
         if self.plan not in PLAN_KINDS:
@@ -140,13 +141,30 @@ def _planner():
     return megatron_plan, plan_parallel, lower_for_rank
 
 
-def trace_model(model_name: str, batch: int, seq: int):
-    """(model, global inputs, traced graph at `batch`)."""
+def _overrides(model_name: str, layers: int | None) -> dict:
+    """Config overrides for a layer count other than the zoo config's."""
+    if layers is None:
+        return {}
+    from meshweave.models import get_model_spec
+
+    cfg = get_model_spec(model_name).config
+    if not hasattr(cfg, "num_layers") or not isinstance(layers, int) or layers < 1:
+        raise DistributedError(
+            f"model {model_name}: cannot set {layers!r} layers (its config has "
+            f"{'num_layers' if hasattr(cfg, 'num_layers') else 'no num_layers field'}; "
+            "want an int >= 1)"
+        )
+    return {"num_layers": layers}
+
+
+def trace_model(model_name: str, batch: int, seq: int, layers: int | None = None):
+    """(model, global inputs, traced graph at `batch`); `layers` overrides the layer count."""
     from meshweave.models import build_model
 
     import meshweave
 
-    model, inputs = build_model(model_name, batch=batch, seq=seq)
+    model, inputs = build_model(model_name, batch=batch, seq=seq,
+                                **_overrides(model_name, layers))
     return model, list(inputs), meshweave.compile(model, tuple(inputs)).graph
 
 
@@ -169,7 +187,7 @@ def prepare(spec: RunSpec, traced=None, cache: dict | None = None) -> Job:
             "the planner's lowering (passes/parallel/lower.py) is not "
             "available; use lowering='split' (data/pipeline parallel only)"
         )
-    model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq)
+    model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq, spec.layers)
     if lowering == "split":
         plan, graph = _split_plan(spec, model, inputs, graph, cache)
     else:
@@ -453,7 +471,7 @@ def run_single_device(job: Job) -> RunResult:
     from meshweave.models import get_model_spec
 
     spec = job.spec
-    model = get_model_spec(spec.model).build(seed=0).eval()
+    model = get_model_spec(spec.model, **_overrides(spec.model, spec.layers)).build(seed=0).eval()
     model.load_state_dict(job.model_state)
     if not spec.training:
         with torch.no_grad():
