@@ -249,6 +249,8 @@ def test_searched_submesh_plan_runs_end_to_end(tmp_path):
     sizes = [plan.stage_mesh(s).size for s in range(plan.num_stages)]
     assert not plan.uniform and sorted(sizes) != [sizes[0]] * len(sizes), r.stdout
     assert plan.estimate["total"] < plan.search["uniform_best"]
+    hops = [c for c in plan.collectives if c.kind == "send_recv"]
+    assert len(hops) == plan.num_stages - 1 and all(c.nbytes > 0 for c in hops)
     _, inputs, graph = trace_model("gpt-tiny", 8, 16, 3)
     got = simulate_plan(graph, plan, inputs)
     assert_same_outputs(run_graph(graph, inputs), got, rtol=1e-4, atol=1e-5)

@@ -17,10 +17,10 @@ from ...ir.sharding import Replicate
 from ...ir.types import TensorType
 from .candidates import Config, PlannerState
 from .plan import CollectiveRecord, Plan, StagePlan
-from .problem import GraphContext, Key
+from .problem import GraphContext, Key, assignment_segments
 from .reshard import reshard_steps
 from .sharding_rules import node_inputs
-from .staging import PartitionEval, unit_names
+from .staging import PartitionEval, UnitTable, unit_names, unit_table
 
 if TYPE_CHECKING:
     from .submesh_search import SubmeshCandidate
@@ -172,7 +172,12 @@ def collective_records(
     """The collectives the lowering inserts, per value, with how often they run per step."""
     model = state.model(cfg.mesh, state.batch // cfg.micro_batches)
     out = _layout_records(state, model, assign, cfg.micro_batches, _whole_model(state.ctx))
-    return out + _stage_transfers(len(ev.stages), cfg.micro_batches, state.training)
+    if len(ev.stages) < 2:
+        return out
+    segs = assignment_segments(state.ctx, model, assign)
+    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
+    return out + _stage_transfers([units] * len(ev.stages), ev, cfg.micro_batches,
+                                  state.training)
 
 
 def _whole_model(ctx: GraphContext) -> dict[str, int]:
@@ -182,11 +187,19 @@ def _whole_model(ctx: GraphContext) -> dict[str, int]:
     return counts
 
 
-def _stage_transfers(n_stages: int, b: int, training: bool) -> list[CollectiveRecord]:
-    return [
-        CollectiveRecord("send_recv", f"stage{i}->stage{i + 1}", "pp", 0, b * (2 if training else 1))
-        for i in range(n_stages - 1)
-    ]
+def _stage_transfers(
+    units: list[UnitTable], ev: PartitionEval, b: int, training: bool
+) -> list[CollectiveRecord]:
+    """One record per stage boundary: the per-device bytes of the last unit's output (the
+    larger side's shard when the two stage meshes differ), forward and, in training, the
+    gradient back, per micro-batch."""
+    out = []
+    for i in range(len(ev.stages) - 1):
+        last = ev.stages[i].layers[1] - 1
+        nbytes = max(float(units[i].boundary[last]), float(units[i + 1].boundary[last]))
+        out.append(CollectiveRecord("send_recv", f"stage{i}->stage{i + 1}", "pp", int(nbytes),
+                                    b * (2 if training else 1)))
+    return out
 
 
 def _layout_records(
@@ -299,7 +312,7 @@ def build_submesh_plan(state: PlannerState, cand: SubmeshCandidate, info: dict[s
         model = state.model(lay.mesh, state.batch // b)
         counts = _stage_counts(ctx, ev.stages[i].layers, n_units)
         collectives += _layout_records(state, model, lay.assign, b, counts)
-    collectives += _stage_transfers(len(ev.stages), b, state.training)
+    collectives += _stage_transfers([lay.units for lay in cand.layouts], ev, b, state.training)
     stages = [
         StagePlan(i, [n.outputs[0].name for n in nodes if n.outputs], list(cand.devices[i]),
                   ev.stages[i].recompute, ev.stages[i].layers, tuple(lay.mesh.shape))
