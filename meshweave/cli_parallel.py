@@ -237,15 +237,29 @@ def plan_report(plan) -> str:
         f"{ratio}"
     )
     lines.append(f"  stages (layers): {s.get('pipeline_layers')}")
+    if s.get("submesh_round"):
+        lines.append(f"  stage sub-mesh round: {s['submesh_round']} "
+                     f"({s.get('submesh_seconds', 0):.2f} s)")
     if not plan.uniform:
         lines += [
             f"  stage {st.index}: mesh {'x'.join(map(str, plan.stage_mesh(st.index).shape))}, "
-            f"ranks {st.ranks}, layers {st.layers}"
+            f"ranks {_ranges(st.ranks)}, layers {st.layers}"
             for st in plan.stages
         ]
     if s.get("note"):
         lines.append(f"  note: {s['note']}")
     return "\n".join(lines)
+
+
+def _ranges(ranks) -> str:
+    """[0, 1, 2, 3, 8, 9] -> "0-3, 8-9"."""
+    out: list[list[int]] = []
+    for r in ranks:
+        if out and r == out[-1][1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in out)
 
 
 # ------------------------------------------------------------------------------- calibrate

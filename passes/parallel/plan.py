@@ -163,8 +163,14 @@ class Plan:
         if self.uniform:
             meshes = f"mesh {'x'.join(map(str, self.mesh.shape))}"
         else:
-            meshes = "meshes " + " | ".join(
-                "x".join(map(str, self.stage_mesh(s).shape)) for s in range(self.num_stages))
+            runs: list[list] = []  # consecutive stages of one shape: "15 x 16x8"
+            for s in range(self.num_stages):
+                shape = "x".join(map(str, self.stage_mesh(s).shape))
+                if runs and runs[-1][0] == shape:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([shape, 1])
+            meshes = "meshes " + " | ".join(f"{n} x {sh}" if n > 1 else sh for sh, n in runs)
         lines = [
             (f"plan v{self.version}: {self.world_size} devices = {self.num_stages} stage(s) x "
              f"{meshes} ({', '.join(self.mesh.names)})"),

@@ -21,7 +21,7 @@ dp x tp x micro-batch count):
    mesh and size (Alpa: 4 + 2 + 2 devices for 3 stages on 8), with per-mesh layouts and a
    DP over stage sizes, seeded by the best uniform candidates; kept only when strictly
    faster than the uniform best (plan.search["uniform_best"] records that). It gets at
-   most as long again as rounds 1-3 took (at least 3 s), within `time_budget`.
+   most as long again as rounds 1-3 took (at least 8 s), within `time_budget`.
 
 All candidates are scored by the same step estimate (staging.py), so the plan returned is
 never slower than the best grid configuration. When no configuration fits, the error names
@@ -126,14 +126,18 @@ def plan_parallel(
         raise_no_fit(state, grid.entries)
     cands.sort(key=lambda c: c.step_time)
     best = _pipeline_round(state, cands[: max(2, top_k // 2)])
-    sub = None
+    sub, sub_info = None, {"submesh_round": "not run (fixed mesh or one stage)"}
     if not isinstance(mesh_or_device_count, DeviceMesh) and (max_stages or 2) > 1:
-        # at most as long again as the uniform search took (>= 3 s), within the budget
+        # at most as long again as the uniform search took (>= 8 s), within the budget
         now = time.perf_counter()
-        deadline = min(t0 + time_budget, now + max(3.0, now - t0))
+        deadline = min(t0 + time_budget, now + max(8.0, now - t0))
         sub = _submesh_round(state, int(mesh_or_device_count), best, cands, deadline)
         if sub is not None and max_stages is not None and len(sub.layouts) > max_stages:
             sub = None  # the DP does not bound the stage count; the caller did
+        outcome = "won" if sub is not None else "no faster plan"
+        if time.perf_counter() > deadline:  # the result may depend on the machine's speed
+            outcome += ", stopped at its time limit"
+        sub_info = {"submesh_round": outcome, "submesh_seconds": time.perf_counter() - now}
     info = {
         "solver": best.source,
         "seconds": time.perf_counter() - t0,
@@ -144,6 +148,7 @@ def plan_parallel(
         "ilp_candidates": len(cands),
         "repeats": state.ctx.layers.repeats,
         "clustered": state.ctx.layers.cluster is not None,
+        **sub_info,
     }
     if memory_budget is not None:
         info["memory_budget"] = float(memory_budget)
