@@ -62,14 +62,7 @@ def _meshes(plan) -> str:
     """"mesh=4x2", or per-stage sub-meshes run-length coded: "meshes=16x4,7*16x8,16x4"."""
     if plan.uniform:
         return f"mesh={'x'.join(map(str, plan.mesh.shape))}"
-    runs: list[list] = []
-    for st in range(plan.num_stages):
-        shape = "x".join(map(str, plan.stage_mesh(st).shape))
-        if runs and runs[-1][0] == shape:
-            runs[-1][1] += 1
-        else:
-            runs.append([shape, 1])
-    return "meshes=" + ",".join(f"{n}*{sh}" if n > 1 else sh for sh, n in runs)
+    return "meshes=" + ",".join(f"{n}*{sh}" if n > 1 else sh for sh, n in plan.stage_mesh_runs())
 
 
 def main() -> int:

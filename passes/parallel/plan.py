@@ -107,6 +107,17 @@ class Plan:
             return tuple(parse_placement("R") for _ in range(self.mesh.ndim))
         return tuple(parse_placement(t) for t in texts)
 
+    def stage_mesh_runs(self) -> list[tuple[str, int]]:
+        """Consecutive stages of one mesh shape: [("16x4", 1), ("16x8", 15), ("16x4", 1)]."""
+        runs: list[list] = []
+        for s in range(max(self.num_stages, 1)):
+            shape = "x".join(map(str, self.stage_mesh(s).shape))
+            if runs and runs[-1][0] == shape:
+                runs[-1][1] += 1
+            else:
+                runs.append([shape, 1])
+        return [(shape, n) for shape, n in runs]
+
     def stage_of_rank(self, rank: int) -> int:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the plan's {self.world_size} devices")
@@ -163,14 +174,8 @@ class Plan:
         if self.uniform:
             meshes = f"mesh {'x'.join(map(str, self.mesh.shape))}"
         else:
-            runs: list[list] = []  # consecutive stages of one shape: "15 x 16x8"
-            for s in range(self.num_stages):
-                shape = "x".join(map(str, self.stage_mesh(s).shape))
-                if runs and runs[-1][0] == shape:
-                    runs[-1][1] += 1
-                else:
-                    runs.append([shape, 1])
-            meshes = "meshes " + " | ".join(f"{n} x {sh}" if n > 1 else sh for sh, n in runs)
+            meshes = "meshes " + " | ".join(
+                f"{n} x {sh}" if n > 1 else sh for sh, n in self.stage_mesh_runs())
         lines = [
             (f"plan v{self.version}: {self.world_size} devices = {self.num_stages} stage(s) x "
              f"{meshes} ({', '.join(self.mesh.names)})"),
