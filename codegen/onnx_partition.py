@@ -461,7 +461,8 @@ def _manifest(
             {
                 "rank": r,
                 "stage": plan.stage_of_rank(r),
-                "coords": list(g.meta.get("coords") or mesh.rank_coords(r % mesh.size)),
+                "coords": list(g.meta.get("coords")
+                               or plan.stage_mesh(plan.stage_of_rank(r)).rank_coords(r)),
                 "inputs": {
                     v.name: {"from": v.name, "shard": [list(e) for e in specs.get(v.name, [])]}
                     for v in g.user_inputs
@@ -480,6 +481,7 @@ def _manifest(
                 "ranks": last,
                 "local": [o.name for o in outs],
                 "placements": [str(p) for p in place] or ["R"] * mesh.ndim,
+                "mesh_shape": list(plan.stage_mesh(plan.num_stages - 1).shape),
                 "micro_batch_dim": 0,
             }
         )
@@ -512,7 +514,8 @@ def run_manifest(directory: str, inputs: Sequence[Any]) -> list[np.ndarray]:
       2. `steps` run in order: `run` feeds a file its `inputs` from the rank's values and
          stores its `outputs`; `collective` applies `kind` (all_reduce, all_gather,
          reduce_scatter, all_to_all, send_recv) to the named values of its `inputs`;
-      3. output k is put together from `ranks`/`local` by its `placements` over the stage mesh.
+      3. output k is put together from `ranks`/`local` by its `placements` over `mesh_shape`
+         (the last stage's mesh; older manifests: the plan's mesh).
     Micro-batch results are concatenated along each output's `micro_batch_dim`.
     """
     with open(os.path.join(directory, MANIFEST)) as fh:
@@ -553,7 +556,7 @@ def _run_once(directory: str, manifest: dict, inputs: list[np.ndarray]) -> list[
     results = []
     for out in manifest["outputs"]:
         shards = {coords[r]: env[r][n] for r, n in zip(out["ranks"], out["local"])}
-        results.append(assemble(shards, out["placements"], shape))
+        results.append(assemble(shards, out["placements"], out.get("mesh_shape", shape)))
     return results
 
 

@@ -74,6 +74,12 @@ def _setup_export(p) -> None:
         "per rank and segment plus manifest.json",
     )
     p.add_argument("--micro-batches", type=int, default=1, help="pipeline micro-batches")
+    p.add_argument(
+        "--plan-file",
+        default=None,
+        metavar="FILE",
+        help="partition by this Plan JSON (`meshweave plan --out`) instead of --mesh",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: pinned 18)")
     p.add_argument(
@@ -92,7 +98,11 @@ def _export(args) -> int:
 
     model, inputs, cm = compile_zoo_model(args)
     plan = None
-    if args.mesh:
+    if args.plan_file:
+        from meshweave.cli_parallel import load_plan_file
+
+        plan = load_plan_file(args.plan_file)
+    elif args.mesh:
         plan = plan_for_mesh(
             cm.graph, args.mesh, micro_batches=args.micro_batches, batch=args.batch
         )

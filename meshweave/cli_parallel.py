@@ -304,21 +304,25 @@ def _calibrate(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- dumps
+def load_plan_file(path: str):
+    """A Plan from its JSON file, or a one-line CLIError saying what is wrong with it."""
+    from meshweave.passes.parallel.plan import Plan
+
+    try:
+        with open(path) as f:
+            return Plan.from_json(f.read())
+    except OSError as e:
+        raise CLIError(f"--plan-file {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"--plan-file {path}: not a meshweave Plan JSON ({e})") from None
+
+
 def _dump_plan_for(args):
     from meshweave.cli import compile_zoo_model
 
     _, _, cm = compile_zoo_model(args)
     if getattr(args, "plan_file", None):
-        from meshweave.passes.parallel.plan import Plan
-
-        try:
-            with open(args.plan_file) as f:
-                return cm.graph, Plan.from_json(f.read())
-        except OSError as e:
-            raise CLIError(f"--plan-file {args.plan_file}: {e.strerror}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise CLIError(f"--plan-file {args.plan_file}: not a meshweave Plan JSON ({e})") \
-                from None
+        return cm.graph, load_plan_file(args.plan_file)
     text = getattr(args, "mesh", None) or "4"
     from meshweave.ir.mesh import DeviceMesh
 

@@ -170,15 +170,9 @@ def _run(args) -> int:
 
 def _plan_file_size(path: str) -> int:
     """Ranks a Plan JSON needs (read before tracing, so a bad file fails at once)."""
-    from meshweave.passes.parallel.plan import Plan
+    from meshweave.cli_parallel import load_plan_file
 
-    try:
-        with open(path) as f:
-            return Plan.from_json(f.read()).world_size
-    except OSError as e:
-        raise CLIError(f"--plan-file {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CLIError(f"--plan-file {path}: not a meshweave Plan JSON ({e})") from None
+    return load_plan_file(path).world_size
 
 
 def _prepare(spec):

@@ -195,6 +195,13 @@ def test_run_plan_file_checks_against_one_device(tmp_path):
                     "--what", "rank:0", "--plan-file", str(path))
     assert dump.returncode == 0, dump.stderr
     assert "dist.send(" in dump.stdout and "aten.slice.Tensor" in dump.stdout  # half the batch
+    onnx = _run_cli("export", "--model", "gpt-tiny", "--batch", str(BATCH), "--seq", str(SEQ),
+                    "--plan-file", str(path), "--out", str(tmp_path / "onnx"))
+    assert onnx.returncode == 0, onnx.stderr
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["world_size"] == 4 and manifest["outputs"][0]["mesh_shape"] == [2, 1]
+    err = float(onnx.stdout.split("max |onnxruntime - eager| = ")[1].split()[0])
+    assert err < 1e-4, onnx.stdout
     bad = _run_cli("run", "--model", "gpt-tiny", "--plan-file", str(path), "--batch", "8",
                    "--seq", str(SEQ))
     assert bad.returncode != 0 and "made for a global batch of 4" in bad.stderr
