@@ -34,18 +34,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"zoo model name (default {DEFAULT_MODEL}); `meshweave models` lists them")
     p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
     p.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="the model's depth, when not the zoo config's")
     p.add_argument("--backend", choices=["eager", "triton"], default=None,
                    help="execution backend (default: triton on CUDA, eager on CPU)")
 
 
-def load_model(name: str, batch: int, seq: int, device: str = "cpu"):
-    from meshweave.models import UnknownModelError, get_model_spec
+def load_model(name: str, batch: int, seq: int, device: str = "cpu",
+               num_layers: int | None = None):
+    from meshweave.models import UnknownModelError, get_model_spec_with_layers
 
     try:
-        spec = get_model_spec(name)
+        spec = get_model_spec_with_layers(name, num_layers)
     except UnknownModelError as e:
         raise CLIError(str(e).strip("'\"")) from None
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from None
     model = spec.build(device=device)
     return spec, model.eval(), spec.example_inputs(batch=batch, seq=seq, device=device)
@@ -55,7 +58,8 @@ def compile_zoo_model(args) -> object:
     import meshweave
     from meshweave.progress import step
 
-    _, model, inputs = load_model(args.model, args.batch, args.seq)
+    _, model, inputs = load_model(args.model, args.batch, args.seq,
+                                  num_layers=getattr(args, "num_layers", None))
     opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None))
     with step(f"compiling {args.model}"):
         cm = meshweave.compile(model, inputs, options=opts)

@@ -153,7 +153,10 @@ def _dump_mlir(args) -> str:
 # --------------------------------------------------------------------------------- report
 def _setup_report(p) -> None:
     _add_model_args(p)
-    p.add_argument("--mesh", required=True, help="device mesh, e.g. 'dp=2,tp=2,pp=2' or '2x4'")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mesh", help="device mesh, e.g. 'dp=2,tp=2,pp=2' or '2x4'")
+    where.add_argument("--plan-file", metavar="FILE",
+                       help="report this Plan JSON (`meshweave plan --out`) instead")
     p.add_argument(
         "--micro-batches",
         type=int,
@@ -178,16 +181,21 @@ def _report(args) -> int:
     from meshweave.report import write_report
 
     _, _, cm = compile_zoo_model(args)
-    plan = plan_for_mesh(
-        cm.graph,
-        args.mesh,
-        micro_batches=args.micro_batches or args.batch,
-        training=args.training,
-        batch=args.batch,
-        hardware=args.hardware,
-    )
+    if args.plan_file:
+        from meshweave.cli_parallel import load_plan_file
+
+        plan = load_plan_file(args.plan_file)
+    else:
+        plan = plan_for_mesh(
+            cm.graph,
+            args.mesh,
+            micro_batches=args.micro_batches or args.batch,
+            training=args.training,
+            batch=args.batch,
+            hardware=args.hardware,
+        )
     cap = args.capacity_gib * 2**30 if args.capacity_gib else None
-    title = f"meshweave plan: {args.model} on {args.mesh}"
+    title = f"meshweave plan: {args.model} on {args.mesh or args.plan_file}"
     path = write_report(args.out, plan, cm.graph, capacity_bytes=cap, title=title)
     print(f"wrote {os.path.abspath(path)}")
     return 0

@@ -141,16 +141,11 @@ def trace_for_planning(
     import torch
 
     import meshweave
-    from meshweave.models import UnknownModelError, get_model_spec
+    from meshweave.models import UnknownModelError, get_model_spec, get_model_spec_with_layers
 
     try:
-        spec = get_model_spec(model)
-        if num_layers is not None:
-            if not hasattr(spec.config, "num_layers") or num_layers < 1:
-                raise CLIError(f"--num-layers {num_layers}: {model} has no such layer count "
-                               "(want >= 1 on a config with num_layers)")
-            spec = get_model_spec(model, num_layers=num_layers)
-    except UnknownModelError as e:
+        spec = get_model_spec_with_layers(model, num_layers)
+    except (UnknownModelError, ValueError) as e:
         raise CLIError(str(e)) from None
     cfg = spec.config
     repeats, note = None, ""

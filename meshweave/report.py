@@ -311,6 +311,7 @@ def report_data(
         "world_size": plan.world_size,
         "num_stages": plan.num_stages,
         "stage_ranks": _stage_ranks(plan),
+        "stage_meshes": [list(plan.stage_mesh(i).shape) for i in range(max(plan.num_stages, 1))],
         "stage_layers": [list(st.layers) if st.layers else None for st in plan.stages],
         "micro_batches": plan.micro_batches,
         "schedule": plan.schedule if plan.schedule in schedules else "gpipe",
@@ -427,17 +428,18 @@ def _seconds(t: float) -> str:
 
 
 def _mesh_svg(data: dict) -> str:
-    """Stages side by side; within a stage, devices on a grid of the mesh's shape."""
-    shape = data["mesh"]["shape"]
-    rows = shape[0] if len(shape) > 1 else 1
-    cols = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    """Stages side by side; within a stage, devices on a grid of that stage's mesh shape
+    (stages may have meshes of different shapes: Plan.stage_mesh)."""
     cell, gap, pad = 46, 6, 14
-    stage_w = cols * (cell + gap) - gap + 2 * pad
-    stage_h = rows * (cell + gap) - gap + 2 * pad + 18
     axes = data["mesh"]["axes"]
-    parts = []
+    meshes = data.get("stage_meshes") or [data["mesh"]["shape"]] * len(data["stage_ranks"])
+    grids = [(sh[0] if len(sh) > 1 else 1, math.prod(sh[1:]) if len(sh) > 1 else sh[0])
+             for sh in meshes]
+    stage_h = max(r for r, _ in grids) * (cell + gap) - gap + 2 * pad + 18
+    parts, x0 = [], 0
     for s, ranks in enumerate(data["stage_ranks"]):
-        x0 = s * (stage_w + 16)
+        shape, (_, cols) = meshes[s], grids[s]
+        stage_w = max(cols * (cell + gap) - gap + 2 * pad, 70)
         color = _STAGE_COLORS[s % len(_STAGE_COLORS)]
         parts.append(
             f'<g class="stage" id="stage-{s}"><rect x="{x0}" y="0" width="{stage_w}" '
@@ -457,9 +459,9 @@ def _mesh_svg(data: dict) -> str:
                 f'text-anchor="middle" class="rank">r{r}</text></g>'
             )
         parts.append("</g>")
-    width = data["num_stages"] * (stage_w + 16)
+        x0 += stage_w + 16
     return (
-        f'<svg width="{width}" height="{stage_h + 2}" '
+        f'<svg width="{x0}" height="{stage_h + 2}" '
         f'role="img" aria-label="device mesh">{"".join(parts)}</svg>'
     )
 

@@ -18,6 +18,7 @@ from .registry import (
     UnknownModelError,
     build_model,
     get_model_spec,
+    get_model_spec_with_layers,
     list_models,
     register_model,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "UnknownModelError",
     "build_model",
     "get_model_spec",
+    "get_model_spec_with_layers",
     "list_models",
     "register_model",
 ]

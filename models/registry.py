@@ -135,6 +135,20 @@ def get_model_spec(name: str, **config_overrides: Any) -> ModelSpec:
     )
 
 
+def get_model_spec_with_layers(name: str, num_layers: int | None = None) -> ModelSpec:
+    """get_model_spec with the depth set to `num_layers` (None: the zoo config's); a
+    ValueError when the model's config has no `num_layers` or the count is not >= 1."""
+    spec = get_model_spec(name)
+    if num_layers is None:
+        return spec
+    if not hasattr(spec.config, "num_layers") or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"{name}: cannot set {num_layers!r} layers (want an int >= 1; its config "
+            f"{'has' if hasattr(spec.config, 'num_layers') else 'has no'} num_layers)"
+        )
+    return get_model_spec(name, num_layers=num_layers)
+
+
 def build_model(
     name: str,
     device: str | torch.device = "cpu",

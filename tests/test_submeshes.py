@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 
@@ -263,3 +264,24 @@ def test_searched_submesh_plan_runs_end_to_end(tmp_path):
     assert_same_outputs(run_graph(graph, inputs), got, rtol=1e-4, atol=1e-5)
     r = _run_cli("run", *common, "--plan-file", str(path), "--check")
     assert r.returncode == 0 and "check passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_report_draws_each_stage_on_its_own_mesh(tmp_path):
+    from meshweave.report import write_report
+
+    _, _, graph = _traced("gpt-tiny")
+    plan = with_meshes(megatron_plan(graph, 2, 2, 2, micro_batches=2), [(2, 2), (1, 2)])
+    with open(write_report(str(tmp_path / "p.html"), plan, graph)) as f:
+        page = f.read()
+
+    widths = re.findall(r'id="stage-\d"><rect x="\d+" y="0" width="(\d+)"', page)
+    assert len(widths) == 2 and int(widths[0]) == int(widths[1])  # both two columns wide
+    assert page.count('class="device"') == 6 and 'id="rank-5"' in page
+    assert "rank 5, stage 1, dp=0, tp=1" in page  # its coordinates on the (1, 2) mesh
+
+
+def test_num_layers_bad_values_are_one_line_errors():
+    r = _run_cli("plan", "--model", "gpt-tiny", "--num-layers", "0", "--mesh", "2")
+    assert r.returncode == 2 and "cannot set 0 layers" in r.stderr
+    r = _run_cli("dump", "--model", "convnet-tiny", "--num-layers", "3", "--what", "ir")
+    assert r.returncode == 2 and "num_layers" in r.stderr, r.stderr

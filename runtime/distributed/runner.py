@@ -143,18 +143,13 @@ def _planner():
 
 def _overrides(model_name: str, layers: int | None) -> dict:
     """Config overrides for a layer count other than the zoo config's."""
-    if layers is None:
-        return {}
-    from meshweave.models import get_model_spec
+    from meshweave.models import get_model_spec_with_layers
 
-    cfg = get_model_spec(model_name).config
-    if not hasattr(cfg, "num_layers") or not isinstance(layers, int) or layers < 1:
-        raise DistributedError(
-            f"model {model_name}: cannot set {layers!r} layers (its config has "
-            f"{'num_layers' if hasattr(cfg, 'num_layers') else 'no num_layers field'}; "
-            "want an int >= 1)"
-        )
-    return {"num_layers": layers}
+    try:
+        get_model_spec_with_layers(model_name, layers)
+    except ValueError as e:
+        raise DistributedError(str(e)) from None
+    return {} if layers is None else {"num_layers": layers}
 
 
 def trace_model(model_name: str, batch: int, seq: int, layers: int | None = None):
