@@ -15,6 +15,7 @@ from typing import Any
 from ...ir.graph import Graph, NameGen, Node, Value, map_values
 from ...ir.sharding import Partial, Replicate, Shard
 from ...ir.types import OpaqueType, TensorType
+from .cross_mesh import assemble_order, rank_box, relative, transfer_schedule
 from .lower import (
     LoweringError,
     LoweringSetup,
@@ -167,8 +168,6 @@ class RankLowering:
             return
         pl = _reduced(pl)
         mine = [p for p in self._schedule(v, src, self.stage) if p.dst == self.rank]
-        from .cross_mesh import assemble_order, rank_box, relative
-
         t = self.su.types[v]
         home = rank_box(t.shape, pl, self.mesh, self.rank, f"%{v.name}")
         parts = [
@@ -198,8 +197,6 @@ class RankLowering:
             peer = self.su.plan.stage_mesh(dst).devices[self.mesh.devices.index(self.rank)]
             self._send_piece(v, x, peer, tag)
             return
-        from .cross_mesh import rank_box, relative
-
         pl = _reduced(self.su.placements.get(v))
         x = self.materialize(v, pl)
         t = self.su.types[v]
@@ -222,8 +219,6 @@ class RankLowering:
                  f"send_{v.name}")
 
     def _schedule(self, v: Value, src: int, dst: int):
-        from .cross_mesh import transfer_schedule
-
         if self.su.blocks.get(v):
             raise LoweringError(
                 f"%{v.name} crosses from stage {src} to stage {dst}, whose meshes differ, in a "

@@ -356,6 +356,7 @@ _DTYPES = [
     torch.uint8,
 ]
 
+
 def _dangling_collectives(g) -> set[int]:
     """Indexes of dist.* collective nodes whose output nothing reads."""
     used = {v for n in g.nodes for v in n.inputs} | set(g.outputs)
