@@ -27,7 +27,8 @@ from .errors import DistributedError
 
 @dataclasses.dataclass
 class Transfer:
-    """A value sent from `src_stage` to `dst_stage` (same mesh coordinates on both)."""
+    """A value sent from `src_stage` to `dst_stage` by a split program (split_stages: every
+    stage has the same mesh, so the peer is the rank at the same mesh coordinates)."""
 
     value: str
     src_stage: int
