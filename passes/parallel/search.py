@@ -126,18 +126,9 @@ def plan_parallel(
         raise_no_fit(state, grid.entries)
     cands.sort(key=lambda c: c.step_time)
     best = _pipeline_round(state, cands[: max(2, top_k // 2)])
-    sub, sub_info = None, {"submesh_round": "not run (fixed mesh or one stage)"}
-    if not isinstance(mesh_or_device_count, DeviceMesh) and (max_stages or 2) > 1:
-        # at most as long again as the uniform search took (>= 8 s), within the budget
-        now = time.perf_counter()
-        deadline = min(t0 + time_budget, now + max(8.0, now - t0))
-        sub = _submesh_round(state, int(mesh_or_device_count), best, cands, deadline)
-        if sub is not None and max_stages is not None and len(sub.layouts) > max_stages:
-            sub = None  # the DP does not bound the stage count; the caller did
-        outcome = "won" if sub is not None else "no faster plan"
-        if time.perf_counter() > deadline:  # the result may depend on the machine's speed
-            outcome += ", stopped at its time limit"
-        sub_info = {"submesh_round": outcome, "submesh_seconds": time.perf_counter() - now}
+    sub, sub_info = _maybe_submeshes(
+        state, mesh_or_device_count, best, cands, max_stages, t0, time_budget
+    )
     info = {
         "solver": best.source,
         "seconds": time.perf_counter() - t0,
@@ -157,6 +148,25 @@ def plan_parallel(
                     uniform_best_config=best.config.label())
         return build_submesh_plan(state, sub, info)
     return build_plan(state, best.config, best.assign, best.evaluation, info)
+
+
+def _maybe_submeshes(
+    state: PlannerState, mesh_or_count, best: Candidate, cands: list[Candidate],
+    max_stages: int | None, t0: float, time_budget: float,
+) -> tuple[SubmeshCandidate | None, dict[str, Any]]:
+    """Round 4 on a device count (a fixed mesh stays uniform), with what it did for
+    plan.search. It gets as long again as rounds 1-3 took, at least 8 s, within the budget."""
+    if isinstance(mesh_or_count, DeviceMesh) or (max_stages or 2) <= 1:
+        return None, {"submesh_round": "not run (fixed mesh or one stage)"}
+    now = time.perf_counter()
+    deadline = min(t0 + time_budget, now + max(8.0, now - t0))
+    sub = _submesh_round(state, int(mesh_or_count), best, cands, deadline)
+    if sub is not None and max_stages is not None and len(sub.layouts) > max_stages:
+        sub = None  # the DP does not bound the stage count; the caller did
+    outcome = "won" if sub is not None else "no faster plan"
+    if time.perf_counter() > deadline:  # then the result may depend on the machine's speed
+        outcome += ", stopped at its time limit"
+    return sub, {"submesh_round": outcome, "submesh_seconds": time.perf_counter() - now}
 
 
 def _describe(e: GridEntry) -> str:
