@@ -219,10 +219,9 @@ def _run_torchrun(spec, check: bool) -> int:
 
 def _plan_line(job) -> str:
     p = job.plan
-    shapes = ["x".join(map(str, p.stage_mesh(s).shape)) for s in range(max(p.num_stages, 1))]
-    meshes = f"mesh {shapes[0]}" if p.uniform else "meshes " + " | ".join(shapes)
     return (
-        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x {meshes} "
+        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x "
+        f"{p.meshes_text()} "
         f"({', '.join(p.mesh.names)}) = {p.world_size} "
         f"ranks, {p.micro_batches} micro-batch(es), {p.schedule}, "
         f"ZeRO-1 {'on' if p.zero else 'off'}"

@@ -432,7 +432,7 @@ def _mesh_svg(data: dict) -> str:
     (stages may have meshes of different shapes: Plan.stage_mesh)."""
     cell, gap, pad = 46, 6, 14
     axes = data["mesh"]["axes"]
-    meshes = data.get("stage_meshes") or [data["mesh"]["shape"]] * len(data["stage_ranks"])
+    meshes = data["stage_meshes"]
     grids = [(sh[0] if len(sh) > 1 else 1, math.prod(sh[1:]) if len(sh) > 1 else sh[0])
              for sh in meshes]
     stage_h = max(r for r, _ in grids) * (cell + gap) - gap + 2 * pad + 18

@@ -118,6 +118,13 @@ class Plan:
                 runs.append([shape, 1])
         return [(shape, n) for shape, n in runs]
 
+    def meshes_text(self) -> str:
+        """"mesh 2x2" when uniform, else "meshes 1x4 | 2 x 1x2" (stage by stage)."""
+        if self.uniform:
+            return f"mesh {'x'.join(map(str, self.mesh.shape))}"
+        return "meshes " + " | ".join(
+            f"{n} x {sh}" if n > 1 else sh for sh, n in self.stage_mesh_runs())
+
     def stage_of_rank(self, rank: int) -> int:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the plan's {self.world_size} devices")
@@ -171,14 +178,9 @@ class Plan:
 
     def summary(self) -> str:
         est = self.estimate
-        if self.uniform:
-            meshes = f"mesh {'x'.join(map(str, self.mesh.shape))}"
-        else:
-            meshes = "meshes " + " | ".join(
-                f"{n} x {sh}" if n > 1 else sh for sh, n in self.stage_mesh_runs())
         lines = [
             (f"plan v{self.version}: {self.world_size} devices = {self.num_stages} stage(s) x "
-             f"{meshes} ({', '.join(self.mesh.names)})"),
+             f"{self.meshes_text()} ({', '.join(self.mesh.names)})"),
             f"  micro-batches {self.micro_batches}, schedule {self.schedule}, "
             f"ZeRO-1 {'on' if self.zero else 'off'}, "
             "recompute " + (f"on for stages {[s.index for s in self.stages if s.recompute]}"

@@ -318,8 +318,7 @@ def build_submesh_plan(state: PlannerState, cand: SubmeshCandidate, info: dict[s
                   ev.stages[i].recompute, ev.stages[i].layers, tuple(lay.mesh.shape))
         for i, (nodes, lay) in enumerate(zip(nodes_of, cand.layouts))
     ]
-    search = {**_search_info(state, ev, b), **info,
-              "stage_meshes": [list(lay.mesh.shape) for lay in cand.layouts]}
+    search = {**_search_info(state, ev, b), **info}
     plan = Plan(
         mesh=cand.layouts[0].mesh, num_stages=len(stages), placements=placements,
         stages=stages, micro_batches=b, schedule=ev.schedule,

@@ -79,7 +79,9 @@ class ShardedOptimizer:
     ):
         self.params = dict(params)
         self.ties = [(list(names), list(ranks)) for names, ranks in ties]
-        self.full_ties = list(full_ties)  # program.FullTie: copies on differently shaped stages
+        # program.FullTie (copies on differently shaped stages), with the flat positions of
+        # each local shard in the full tensor, computed once
+        self.full_ties = [(tie, *_tie_layout(tie, self.params)) for tie in full_ties]
         self.sync = dict(sync)
         self.axis_ranks = [list(r) for r in axis_ranks]
         self.config = config
@@ -140,10 +142,10 @@ class ShardedOptimizer:
                 dist.all_reduce(total, group=get_group(ranks))
             for n in local:
                 self._grad(n).copy_(total)
-        for tie in self.full_ties:
-            self._sync_full_tie(tie)
+        for tie, numel, flat in self.full_ties:
+            self._sync_full_tie(tie, numel, flat)
 
-    def _sync_full_tie(self, tie) -> None:
+    def _sync_full_tie(self, tie, numel: int, flat: dict[str, torch.Tensor]) -> None:
         """Sum tied copies whose shards do not line up (stages of different mesh shapes).
 
         Each rank adds its shard's gradient into a zero full-size tensor, divided by the
@@ -153,23 +155,16 @@ class ShardedOptimizer:
         ZeRO the zero axis is still unreduced: the shard is divided by its size, so the
         reduce-scatter that follows sums it back to the total.
         """
-        from ...ir.ops.collectives import cut_by_spec
-
-        local = [n for n in tie.names if n in self.params]
-        shape = _full_shape(self.params[local[0]].shape, tie.specs[local[0]])
-        index = torch.arange(math.prod(shape)).view(shape)
-        total = torch.zeros(math.prod(shape), dtype=self._grad(local[0]).dtype,
-                            device=self._grad(local[0]).device)
-        for n in local:
+        first = self._grad(next(iter(flat)))
+        total = torch.zeros(numel, dtype=first.dtype, device=first.device)
+        for n, idx in flat.items():
             copies = math.prod(len(self.axis_ranks[a]) for a in self.sync[n].sum_axes)
-            flat = cut_by_spec(index, tie.specs[n]).reshape(-1).to(total.device)
-            total.index_add_(0, flat, self._grad(n).reshape(-1) / copies)
+            total.index_add_(0, idx, self._grad(n).reshape(-1) / copies)
         dist.all_reduce(total, group=get_group(tie.ranks))
-        for n in local:
+        for n, idx in flat.items():
             z = self.sync[n].zero_axis
             div = len(self.axis_ranks[z]) if z is not None else 1
-            flat = cut_by_spec(index, tie.specs[n]).reshape(-1).to(total.device)
-            self._grad(n).copy_((total[flat] / div).view_as(self._grad(n)))
+            self._grad(n).copy_((total[idx] / div).view_as(self._grad(n)))
 
     def _grad(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -242,6 +237,16 @@ def _padded(flat: torch.Tensor, size: int) -> torch.Tensor:
     if flat.numel() == size:
         return flat
     return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+def _tie_layout(tie, params: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    """(numel of the full tensor, local name -> flat positions of its shard in it)."""
+    from ...ir.ops.collectives import cut_by_spec
+
+    local = [n for n in tie.names if n in params]
+    shape = _full_shape(params[local[0]].shape, tie.specs[local[0]])
+    index = torch.arange(math.prod(shape), device=params[local[0]].device).view(shape)
+    return math.prod(shape), {n: cut_by_spec(index, tie.specs[n]).reshape(-1) for n in local}
 
 
 def _full_shape(local: Sequence[int], spec: Sequence[tuple]) -> tuple[int, ...]:
