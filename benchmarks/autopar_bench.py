@@ -35,7 +35,7 @@ QUICK = {"llama-8b/8", "llama-70b/8x8", "pangu-200b/2048"}
 
 
 def run_case(model: str, mesh_text: str, spec: str, batch: int, seq: int) -> dict:
-    from meshweave.passes.parallel.search import plan_parallel
+    from meshweave.passes.parallel.search.search import plan_parallel
 
     from meshweave.cli_parallel import _parse_mesh, trace_for_planning
 

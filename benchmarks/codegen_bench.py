@@ -252,7 +252,7 @@ def _bench_meshweave(row: dict, model, x, ref, args, device):
     same kernels without CUDA graphs and with Triton's JIT launches. Returns the compiled
     model without graphs (what the kernel profile reads) or the default one."""
     import torch
-    from meshweave.codegen.cuda_graphs import CudaGraphRunner
+    from meshweave.codegen.triton.cuda_graphs import CudaGraphRunner
 
     import meshweave
     from meshweave import CompileOptions

@@ -6,7 +6,7 @@ The planner ranks plans by two formulas (passes/parallel): a roofline for comput
 (HardwareSpec.compute_time: max(FLOPs / FLOP/s, bytes / bandwidth)) and an alpha-beta model
 for collectives (collectives.collective_time: ring all-reduce = 2(n-1) alpha + 2(n-1)/n B/beta,
 all-gather and reduce-scatter = (n-1) alpha + (n-1)/n B/beta). Their constants come from
-`meshweave calibrate` (passes/parallel/calibrate.py): one matmul size, one large copy, and a
+`meshweave calibrate` (passes/parallel/cost/calibrate.py): one matmul size, one large copy, and a
 2-rank all-reduce at two message sizes. This script calibrates once, then times cases the
 calibration never saw (other matmul shapes, bandwidth-bound ops, all-gather and reduce-scatter,
 4 ranks, other message sizes) and prints predicted / measured for each. On a GPU box it checks
@@ -51,14 +51,14 @@ def _median_s(fn, iters: int) -> float:
 def _collectives_worker(rank: int, world: int, cases: list[tuple[str, int]], iters: int):
     import warnings
 
-    from meshweave.passes.parallel.calibrate import time_collectives
+    from meshweave.passes.parallel.cost.calibrate import time_collectives
 
     warnings.filterwarnings("ignore")
     return time_collectives([(kind, nbytes // 4) for kind, nbytes in cases], iters)
 
 
 def check_collectives(link, quick: bool) -> list[tuple]:
-    from meshweave.passes.parallel.collectives import collective_time
+    from meshweave.passes.parallel.cost.collectives import collective_time
     from meshweave.runtime.distributed.launch import launch
 
     sizes = [1 << 20] if quick else [1 << 16, 1 << 18, 1 << 22, 1 << 25]
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from meshweave.passes.parallel.calibrate import calibrate
-    from meshweave.passes.parallel.hardware import get_spec
+    from meshweave.passes.parallel.cost.calibrate import calibrate
+    from meshweave.passes.parallel.cost.hardware import get_spec
 
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -11,7 +11,7 @@ arithmetic is left to time (hidden 96, vocab 512, 1x8 tokens):
     launch grids, the matmul dispatch);
   * the competitor is eager PyTorch on the CPU running the same model: its module calls, op
     dispatch and (tiny) CPU kernels, i.e. eager's host cost per forward.
-A third figure puts codegen/fast_launch.py back in front of each kernel (specialization key,
+A third figure puts codegen/triton/fast_launch.py back in front of each kernel (specialization key,
 entry lookup, the launcher call) with a launcher that does nothing: the host cost of the GPU
 path short of the driver's cuLaunchKernel. The GPU benchmark (codegen_bench.py) measures the
 whole forward.
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     x = torch.randint(0, cfg.vocab_size, (1, 8))
     cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         backend="triton", verify=False))
-    from meshweave.codegen.fast_launch import FastLaunch, set_stream
+    from meshweave.codegen.triton.fast_launch import FastLaunch, set_stream
 
     module = sys.modules[cm._runner.call.__module__]
     stubbed = {k: v for k, v in vars(module).items() if k.startswith("triton_") and hasattr(v, "run")}

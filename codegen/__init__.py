@@ -1,24 +1,20 @@
-"""Codegen: lowers the optimized IR to generated Triton kernels.
+"""Codegen: the optimized IR to code, one folder per target.
 
     attach_triton_backend(cm)      # called by meshweave.compile for backend="triton"
 
-Pipeline: schedule.py groups nodes into kernels (fusion rules by op, via RuleTables) ->
-kernels_pointwise / kernels_reduction / matmul_template emit one Triton kernel per group
-(lowering.py: op -> Triton expression; indexing.py: views as index arithmetic), attention uses
-flash_attention.py -> wrapper.py writes a module with a call() that allocates buffers and
-launches them -> cache.py stores it on disk, keyed by the graph and versions -> runtime.py
-serves call() at run time (launch sizes, matmul template-vs-cuBLAS choice, reference executor
-for uncompiled nodes).
+  triton/   the default backend: fusion schedule, lowering rule tables, the kernel templates
+            (triton/kernels/: pointwise, reduction, matmul, flash attention), the generated
+            wrapper module, its on-disk cache, launchers and CUDA-graph replay
+  onnx/     ONNX export: one file, or per-rank segments cut at collectives, with a manifest
+  mlir/     MLIR text of the IR through torch-mlir's FX importer
+  folding.py  what the IR rewrites ahead of a target share (dead-code removal, a record of
+              each traced value that needs no kernel any more)
 
-Rule tables (ir.registry.RuleTable, keyed by op name): LOWERINGS "triton_lowering"
-(pointwise and indexed ops -> Triton expressions), VIEW_INDEX "triton_view_index" (views ->
-index maps), REDUCTIONS "triton_reduction", MATMULS "triton_matmul", ATTENTION
-"triton_attention". An op in none of them runs through the reference executor and is listed
-with the reason in explain() and the dump (kernels.txt).
-
-Module layout (Triton backend): __init__ (this), schedule, lowering, indexing, emitter,
-tvalues, kernels_pointwise, kernels_reduction, matmul_template, flash_attention, wrapper,
-runtime, cache, triton_mode. (onnx_* and mlir_dump in this package are other backends.)
+This file holds what meshweave.compile sees of the Triton backend: CodegenConfig, the kernels
+artifact, and attach_triton_backend, which runs the pre-passes, generates or loads the module
+and installs its call(). A target's folder imports ir/, runtime/reference.py, passes/ and
+codegen/folding.py; no target imports another (ONNX export reads the per-rank programs of
+passes/parallel/lower/, never Triton's).
 
 Without CUDA the kernels run under Triton's interpreter, which must be on before triton is
 first imported; torch.export imports it, so meshweave.compile calls
@@ -35,7 +31,7 @@ from meshweave import env
 
 from ..ir.errors import MeshweaveError
 from ..ir.types import TensorType
-from .tvalues import CodegenError
+from .triton.tvalues import CodegenError
 
 __all__ = [
     "CodegenConfig",
@@ -172,7 +168,7 @@ class _Runner:
 
     def __call__(self, leaves: list[Any]) -> list[Any]:
         if self.precompiled is None:
-            from .precompile import precompile
+            from .triton.precompile import precompile
 
             self.precompiled = "running"
             self.precompiled = precompile(self, leaves, self.has_fallbacks)
@@ -215,7 +211,7 @@ def prepare_triton_backend(options=None, model=None) -> None:
     on the CPU), switch the interpreter on while that is still possible. No-op otherwise."""
     import torch
 
-    from .triton_mode import imported_interpreted
+    from .triton.mode import imported_interpreted
 
     if getattr(options, "backend", "triton") != "triton" or imported_interpreted() is not None:
         return
@@ -228,16 +224,16 @@ def prepare_triton_backend(options=None, model=None) -> None:
 
 def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
     """Generate (or load from the cache) the Triton module for cm.graph and make cm run it."""
-    from .causal_mask import fold_causal_masks
-    from .gqa import fold_gqa_repeats
-    from .triton_mode import device_name, ensure_triton_mode
+    from .triton.causal_mask import fold_causal_masks
+    from .triton.gqa import fold_gqa_repeats
+    from .triton.mode import device_name, ensure_triton_mode
 
     config = config or CodegenConfig()
     # the kernels' graph: the traced one with K/V repeats and constant causal masks folded
     graph = fold_causal_masks(fold_gqa_repeats(cm.graph))
     interpret = ensure_triton_mode(_on_cuda(graph))
-    from .cache import STATS, CorruptEntry, KernelCache, cache_key
-    from .wrapper import generate_module
+    from .triton.cache import STATS, CorruptEntry, KernelCache, cache_key
+    from .triton.wrapper import generate_module
 
     root = config.cache_dir or os.path.join(env.cache_dir(), "kernels")
     device = device_name(interpret)
@@ -270,8 +266,8 @@ def attach_triton_backend(cm, config: CodegenConfig | None = None) -> None:
 
 
 def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str, key: str) -> None:
-    from . import fast_launch
-    from .runtime import KernelRuntime
+    from .triton import fast_launch
+    from .triton.runtime import KernelRuntime
 
     nodes = graph.nodes
     kernels = []

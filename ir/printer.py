@@ -12,11 +12,16 @@ program compare equal as text.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .graph import Graph, Node, Value
 from .sharding import placements_str
 from .types import dtype_short
+from .values import Node, Value
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 def format_arg(a) -> str:

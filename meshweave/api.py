@@ -94,7 +94,7 @@ def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:
         attach_triton_backend(cm)
         on, cm.cuda_graphs = _graphs_decision(cm, options)
         if on:
-            from meshweave.codegen.cuda_graphs import CudaGraphRunner
+            from meshweave.codegen.triton.cuda_graphs import CudaGraphRunner
 
             cm._runner = CudaGraphRunner(cm._runner)
 

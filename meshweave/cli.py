@@ -54,6 +54,10 @@ def load_model(name: str, batch: int, seq: int, device: str = "cpu",
     return spec, model.eval(), spec.example_inputs(batch=batch, seq=seq, device=device)
 
 
+# `meshweave compile` fails above this max |meshweave - eager| (fp32 on the CPU is ~1e-6).
+COMPILE_TOL = 1e-3
+
+
 def compile_zoo_model(args) -> object:
     import meshweave
     from meshweave.progress import step
@@ -69,6 +73,9 @@ def compile_zoo_model(args) -> object:
 def _setup_compile(p):
     _add_model_args(p)
     p.add_argument("--dump", metavar="DIR", help="write the IR after every pass under DIR")
+    p.add_argument("--tol", type=float, default=COMPILE_TOL,
+                   help=f"fail (exit 1) when |meshweave - eager| exceeds this (default "
+                        f"{COMPILE_TOL:g})")
 
 
 @command("compile", "trace, optimize and run a zoo model; compare with eager")(_setup_compile)
@@ -79,19 +86,20 @@ def _compile(args) -> int:
     print(cm.explain())
     with torch.no_grad():
         expected, got = model(*inputs), cm(*inputs)
-    err = _max_error(expected, got)
+    err = _max_error(expected, got, where=f"{args.model}, meshweave against eager")
     print(f"max |meshweave - eager| = {err:.3e}")
+    if not err <= args.tol:  # NaN fails too
+        print(f"check FAILED: beyond --tol {args.tol:g}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _max_error(a, b) -> float:
-    import torch
-    import torch.utils._pytree as pytree
+def _max_error(expected, got, where: str = "") -> float:
+    """Max |got - expected| over the tensor outputs, compared by position and count: a missing
+    or extra output is a ComparisonError, not an error of 0."""
+    from meshweave.runtime.compare import max_errors, tensor_leaves
 
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    errs = [(x.float() - y.float()).abs().max().item() for x, y in zip(la, lb)
-            if isinstance(x, torch.Tensor) and x.numel()]
-    return max(errs, default=0.0)
+    return max(max_errors(tensor_leaves(expected), tensor_leaves(got), where=where).values())
 
 
 def _setup_dump(p):

@@ -6,7 +6,7 @@
 
 meshweave/cli.py imports this module, which registers the commands and the `mlir` dumper.
 A mesh whose axes are all named dp/tp/pp gets the Megatron-style plan of those sizes
-(passes/parallel/megatron_grid.py); any other mesh goes to the planner (plan_parallel).
+(passes/parallel/search/megatron_grid.py); any other mesh goes to the planner (plan_parallel).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def plan_for_mesh(
     names = mesh.names
     try:
         if mesh.axis_names is not None and set(names) <= set(MEGATRON_AXES):
-            from meshweave.passes.parallel.megatron_grid import megatron_plan
+            from meshweave.passes.parallel.search.megatron_grid import megatron_plan
 
             sizes = {n: mesh.axis_size(n) for n in names}
             return megatron_plan(
@@ -49,7 +49,7 @@ def plan_for_mesh(
                 training=training,
                 spec=hardware,
             )
-        from meshweave.passes.parallel.search import plan_parallel
+        from meshweave.passes.parallel.search.search import plan_parallel
 
         return plan_parallel(graph, mesh, hardware, batch=batch, training=training)
     except ImportError as e:
@@ -57,7 +57,7 @@ def plan_for_mesh(
 
 
 def _lower_rank(graph, plan, rank: int):
-    from meshweave.passes.parallel.lower import lower_for_rank
+    from meshweave.passes.parallel.lower.rank import lower_for_rank
 
     if not 0 <= rank < plan.world_size:
         raise CLIError(f"--rank {rank} is outside the plan's {plan.world_size} devices")
@@ -92,9 +92,8 @@ def _setup_export(p) -> None:
 @command("export", "export a zoo model to ONNX (one file per rank when partitioned)")(_setup_export)
 def _export(args) -> int:
     import torch
-    import torch.utils._pytree as pytree
 
-    from meshweave.codegen.onnx_export import OPSET, export_onnx, run_manifest
+    from meshweave.codegen.onnx.export import OPSET, export_onnx, run_manifest
 
     model, inputs, cm = compile_zoo_model(args)
     plan = None
@@ -114,27 +113,20 @@ def _export(args) -> int:
         print(f"  {path}")
     print(f"  {result.manifest_path}")
     if not args.no_verify:
+        from meshweave.runtime.compare import max_errors, tensor_leaves
+
         with torch.no_grad():
-            expected = [
-                x for x in pytree.tree_leaves(model(*inputs)) if isinstance(x, torch.Tensor)
-            ]
+            expected = tensor_leaves(model(*inputs))
         got = run_manifest(args.out, list(inputs))
-        err = max(
-            (
-                float((torch.as_tensor(g) - e).abs().max())
-                for g, e in zip(got, expected)
-                if e.numel()
-            ),
-            default=0.0,
-        )
-        print(f"max |onnxruntime - eager| = {err:.3e}")
+        errs = max_errors(expected, got, where=f"{result.manifest_path} against eager")
+        print(f"max |onnxruntime - eager| = {max(errs.values()):.3e}")
     return 0
 
 
 # --------------------------------------------------------------------------------- mlir
 @dumper("mlir")
 def _dump_mlir(args) -> str:
-    from meshweave.codegen.mlir_dump import INSTALL_HINT, dump_mlir, torch_mlir_available
+    from meshweave.codegen.mlir.dump import INSTALL_HINT, dump_mlir, torch_mlir_available
 
     if not torch_mlir_available():
         return INSTALL_HINT  # one line, exit status 0: the optional extra is not installed

@@ -176,8 +176,8 @@ def trace_for_planning(
     _setup_plan
 )
 def _plan(args) -> int:
-    from meshweave.passes.parallel.hardware import get_spec
-    from meshweave.passes.parallel.search import plan_parallel
+    from meshweave.passes.parallel.cost.hardware import get_spec
+    from meshweave.passes.parallel.search.search import plan_parallel
 
     try:
         spec = get_spec(args.spec)
@@ -279,7 +279,7 @@ def _setup_calibrate(p) -> None:
     "measure this device (matmul FLOP/s, memory) and write a hardware spec JSON for --spec",
 )(_setup_calibrate)
 def _calibrate(args) -> int:
-    from meshweave.passes.parallel.calibrate import calibrate
+    from meshweave.passes.parallel.cost.calibrate import calibrate
 
     if args.size < 16:
         raise CLIError("--size must be at least 16")
@@ -287,7 +287,7 @@ def _calibrate(args) -> int:
         spec, report = calibrate(args.base, args.size, args.comm)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    from meshweave.passes.parallel.hardware import save_spec
+    from meshweave.passes.parallel.cost.hardware import save_spec
 
     d = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(d):
@@ -330,13 +330,13 @@ def _dump_plan_for(args):
         raise CLIError(f"--mesh {text!r}: {e}") from None
     names = getattr(mesh, "axis_names", None)
     if names is not None and set(names) <= {"dp", "tp", "pp"}:
-        from meshweave.passes.parallel.megatron_grid import megatron_plan
+        from meshweave.passes.parallel.search.megatron_grid import megatron_plan
 
         size = {n: mesh.axis_size(n) for n in names}
         return cm.graph, megatron_plan(
             cm.graph, size.get("dp", 1), size.get("tp", 1), size.get("pp", 1), batch=args.batch
         )
-    from meshweave.passes.parallel.search import plan_parallel
+    from meshweave.passes.parallel.search.search import plan_parallel
 
     return cm.graph, plan_parallel(cm.graph, mesh, "h100", batch=args.batch)
 
@@ -362,7 +362,7 @@ def _dump_plan(args) -> str:
 
 @dumper("rank")
 def _dump_rank(args) -> str:
-    from meshweave.passes.parallel.lower import lower_for_rank
+    from meshweave.passes.parallel.lower.rank import lower_for_rank
 
     _, _, num = args.what.partition(":")
     if not num.isdigit():

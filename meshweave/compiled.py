@@ -130,7 +130,7 @@ class CompiledModel:
 
         With plan=<Plan>, writes one file per rank segment plus manifest.json.
         """
-        from meshweave.codegen.onnx_export import export_onnx
+        from meshweave.codegen.onnx.export import export_onnx
 
         return export_onnx(self, directory, inputs, **kwargs)
 

@@ -9,7 +9,7 @@ MESHWEAVE_CHECKPOINT_DIR  where `meshweave run` writes the weight checkpoint tha
 MESHWEAVE_MATMUL       the Triton backend's matmul policy when CodegenConfig does not name one:
                        auto (default), autotune, triton or torch (see codegen.CodegenConfig).
 MESHWEAVE_FAST_LAUNCH  0: launch every generated Triton kernel through triton's JIT dispatch
-                       instead of its compiled launcher (codegen/fast_launch.py; default 1).
+                       instead of its compiled launcher (codegen/triton/fast_launch.py; default 1).
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
                        set by torchrun; runtime/distributed/launch.py reads them to run as one
                        rank of an externally launched job (and sets them for its own ranks).

@@ -27,7 +27,7 @@ class CompileOptions:
     training: plan/compile a training step rather than inference.
     cuda_graphs: with backend "triton" on CUDA, capture the generated module's launches in a
         CUDA graph per input signature and replay it (like torch.compile's reduce-overhead
-        mode, but outputs are fresh tensors); see codegen/cuda_graphs.py. None (the default)
+        mode, but outputs are fresh tensors); see codegen/triton/cuda_graphs.py. None (the default)
         turns it on where replay is exact and cheap to keep: backend "triton" on CUDA tensors,
         inference (training=False), static shapes, and no node left to the reference
         executor; True asks for it anyway (an error off CUDA), False never.

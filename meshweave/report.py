@@ -282,7 +282,7 @@ def _capacity(plan, capacity_bytes: float | None) -> float | None:
     hw = search.get("hardware") or search.get("spec")
     if isinstance(hw, str):
         try:
-            from meshweave.passes.parallel.hardware import get_spec
+            from meshweave.passes.parallel.cost.hardware import get_spec
 
             return float(get_spec(hw).memory_bytes)
         except (ImportError, KeyError, ValueError, FileNotFoundError):

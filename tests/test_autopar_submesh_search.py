@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.passes.parallel import Plan, plan_parallel
-from meshweave.passes.parallel.optimizer_shard import inflight_microbatches
-from meshweave.passes.parallel.pipeline import (
+from meshweave.passes.parallel.cost.optimizer_shard import inflight_microbatches
+from meshweave.passes.parallel.search.pipeline import (
     StageCostTable,
     brute_force_pipeline,
     partition_stages,
     pipeline_latency,
 )
-from meshweave.passes.parallel.submesh_search import (
+from meshweave.passes.parallel.search.submesh_search import (
     cluster_of,
     logical_meshes,
     placeable_sizes,
@@ -170,11 +170,11 @@ def test_fixed_mesh_keeps_uniform_stages():
 def test_pins_skip_layouts_that_cannot_honour_them():
     """A stage mesh whose only layout breaks a pin gives no DP column (the size is skipped)."""
     from meshweave.models import build_model
-    from meshweave.passes.parallel.candidates import PlannerState
-    from meshweave.passes.parallel.hardware import get_spec
-    from meshweave.passes.parallel.megatron_grid import state_megatron
-    from meshweave.passes.parallel.search import _respects_pins
-    from meshweave.passes.parallel.submesh_search import stage_layouts
+    from meshweave.passes.parallel.search.candidates import PlannerState
+    from meshweave.passes.parallel.cost.hardware import get_spec
+    from meshweave.passes.parallel.search.megatron_grid import state_megatron
+    from meshweave.passes.parallel.search.candidates import respects_pins
+    from meshweave.passes.parallel.search.submesh_search import stage_layouts
 
     import meshweave
 
@@ -183,7 +183,7 @@ def test_pins_skip_layouts_that_cannot_honour_them():
     pins = {"p_lm_head_weight": ("R", "S(1)")}
     state = PlannerState(graph, get_spec("h100"), batch=4, training=True, pins=pins)
     mesh = DeviceMesh((2, 2), ("dp", "tp"))
-    assert not _respects_pins(state, state_megatron(state, mesh, 2))
+    assert not respects_pins(state, state_megatron(state, mesh, 2))
     assert stage_layouts(state, mesh, 2, [], None) == []
     plan = plan_parallel(graph, 4, "h100", batch=4, training=True, pins=pins)
     assert plan.placements["p_lm_head_weight"] == pins["p_lm_head_weight"]

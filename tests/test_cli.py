@@ -71,7 +71,7 @@ def test_source_checkout_imports_without_install(tmp_path):
     code = (
         "import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]);"
         "import torch, meshweave;"
-        "from meshweave.passes.parallel.search import plan_parallel;"
+        "from meshweave.passes.parallel.search.search import plan_parallel;"
         "from meshweave.models import build_model;"
         "m, x = build_model('gpt-tiny', batch=1, seq=8);"
         "cm = meshweave.compile(m, x);"

@@ -355,7 +355,7 @@ class LongRows(torch.nn.Module):
 def test_looped_reductions_over_long_rows():
     """Rows longer than a persistent tile (> MAX_PERSISTENT_RNUMEL) compile as looped
     reductions (online max + sum for softmax) instead of falling back to the reference."""
-    from meshweave.codegen.kernels_reduction import MAX_PERSISTENT_RNUMEL
+    from meshweave.codegen.triton.kernels.reduction import MAX_PERSISTENT_RNUMEL
 
     torch.manual_seed(0)
     x, y = torch.randn(3, 20000, device=DEVICE), torch.randn(3, 20000, device=DEVICE)
@@ -495,8 +495,8 @@ def test_more_indexed_ops():
 
 
 def test_kernel_that_fails_to_emit_falls_back_with_reason(monkeypatch):
-    from meshweave.codegen.lowering import LOWERINGS, Pointwise
-    from meshweave.codegen.tvalues import CodegenError
+    from meshweave.codegen.triton.lowering import LOWERINGS, Pointwise
+    from meshweave.codegen.triton.tvalues import CodegenError
 
     def broken(node, a):
         raise CodegenError("simulated emitter bug")

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 from meshweave.codegen import CodegenConfig, attach_triton_backend
-from meshweave.codegen.cache import STATS, KernelCache, checksum
+from meshweave.codegen.triton.cache import STATS, KernelCache, checksum
 
 import meshweave
 from meshweave import CompileOptions
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import meshweave
-    from meshweave.codegen.cache import STATS
+    from meshweave.codegen.triton.cache import STATS
 
     class MLP(torch.nn.Module):
         def __init__(self):
@@ -161,7 +161,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_triton_imported_without_interpreter_is_a_clear_error():
     out = run_python("""
         import triton  # too early: imported in GPU mode
-        from meshweave.codegen.triton_mode import TritonModeError, ensure_triton_mode
+        from meshweave.codegen.triton.mode import TritonModeError, ensure_triton_mode
         try:
             ensure_triton_mode(on_cuda=False)
         except TritonModeError as e:

@@ -1,11 +1,11 @@
-"""codegen/causal_mask.py: constant causal masks become is_causal attention, nothing else does."""
+"""codegen/triton/causal_mask.py: constant causal masks become is_causal attention, nothing else does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from meshweave.codegen.causal_mask import FOLDED, is_causal_mask
+from meshweave.codegen.triton.causal_mask import FOLDED, is_causal_mask
 
 import meshweave
 from meshweave import CompileOptions

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of generated modules (codegen/cuda_graphs.py) and when it is on by default.
+"""CUDA-graph replay of generated modules (codegen/triton/cuda_graphs.py) and when it is on by default.
 
 CompileOptions(cuda_graphs=None), the default, replays from a graph only for static-shape
 inference on CUDA with every node in a kernel; the GPU tests check that policy, that replays
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meshweave.codegen.cuda_graphs import CudaGraphRunner
+from meshweave.codegen.triton.cuda_graphs import CudaGraphRunner
 from meshweave.models import build_model
 
 import meshweave
@@ -77,7 +77,7 @@ class _Relu(torch.nn.Module):
 def test_graphs_per_signature_are_capped():
     """Strides are part of the signature: inputs viewed out of wider tensors capture a graph
     each, up to MAX_GRAPHS; later signatures run without a graph, still right."""
-    from meshweave.codegen.cuda_graphs import MAX_GRAPHS
+    from meshweave.codegen.triton.cuda_graphs import MAX_GRAPHS
 
     def view(i):  # a [4, 8] view with row stride 8 + i
         return torch.randn(4, 8 + i, device="cuda")[:, :8]

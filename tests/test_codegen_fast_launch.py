@@ -1,4 +1,4 @@
-"""codegen/fast_launch.py: compiled kernels launched without Triton's per-call dispatch.
+"""codegen/triton/fast_launch.py: compiled kernels launched without Triton's per-call dispatch.
 
 The specialization key and the argument order are checked on any machine (a subprocess
 without the interpreter, so triton.jit makes real JITFunctions); the launches themselves need
@@ -22,7 +22,7 @@ PROBE = textwrap.dedent("""
     import json, os, types
     os.environ.pop("TRITON_INTERPRET", None)
     import torch, triton, triton.language as tl
-    from meshweave.codegen.fast_launch import FastLaunch, install
+    from meshweave.codegen.triton.fast_launch import FastLaunch, install
 
     @triton.jit
     def k(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = 3):
@@ -74,7 +74,7 @@ def test_specialization_key_and_argument_order(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="launches need a GPU")
 def test_fast_launch_hits_and_matches_triton_launches(monkeypatch, tmp_path):
-    from meshweave.codegen.fast_launch import FastLaunch
+    from meshweave.codegen.triton.fast_launch import FastLaunch
     from meshweave.models import build_model
 
     import meshweave
@@ -115,7 +115,7 @@ def _samples():
 def test_key_is_at_least_as_fine_as_tritons_specialization():
     """Two arguments FastLaunch.key puts together Triton must specialize the same way, or a
     launch would reuse a kernel compiled for another alignment, width or constant."""
-    from meshweave.codegen.fast_launch import FastLaunch
+    from meshweave.codegen.triton.fast_launch import FastLaunch
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sympy
 import torch
-from meshweave.codegen.indexing import (
+from meshweave.codegen.triton.indexing import (
     FloorDiv,
     IndexEnv,
     ModIndex,
@@ -14,11 +14,11 @@ from meshweave.codegen.indexing import (
     pexpr,
     reshape_index,
 )
-from meshweave.codegen.kernels_pointwise import interpreter_loops
-from meshweave.codegen.kernels_reduction import REDUCTIONS
-from meshweave.codegen.lowering import LOWERINGS
-from meshweave.codegen.matmul_template import MATMULS
-from meshweave.codegen.schedule import classify
+from meshweave.codegen.triton.kernels.pointwise import interpreter_loops
+from meshweave.codegen.triton.kernels.reduction import REDUCTIONS
+from meshweave.codegen.triton.lowering import LOWERINGS
+from meshweave.codegen.triton.kernels.matmul import MATMULS
+from meshweave.codegen.triton.schedule import classify
 from meshweave.ir.registry import RuleTable
 
 X = [index_var(f"x{i}") for i in range(4)]
@@ -109,7 +109,7 @@ def test_classification_reasons():
 
 def test_matmul_policies_and_their_candidates(monkeypatch, tmp_path):
     from meshweave.codegen import CodegenConfig
-    from meshweave.codegen.runtime import TORCH, MatmulChooser
+    from meshweave.codegen.triton.runtime import TORCH, MatmulChooser
 
     auto = MatmulChooser("auto", interpret=False, path=None)
     tune = MatmulChooser("autotune", interpret=False, path=None)

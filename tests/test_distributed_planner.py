@@ -1,7 +1,7 @@
 """The planner's plans on real gloo ranks: DP, TP, PP, DPxTP, PPxTP and the searched plan
 (free, and under a memory budget that makes it shard weights).
 
-Each rank runs `lower_for_rank(graph, plan, rank)` (passes/parallel/lower.py) through the
+Each rank runs `lower_for_rank(graph, plan, rank)` (passes/parallel/lower/) through the
 distributed executor; outputs, and in training the losses and every parameter after two
 optimizer steps, must match the eager model on one device (fp32). All cases of a model run in
 one test and every failing case is reported, each with the command that reproduces it.

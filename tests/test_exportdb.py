@@ -39,22 +39,35 @@ def _run_case(case, fallback: bool) -> str:
     return "matched"
 
 
+# The exact outcome of every case, per mode, under the torch CI installs (torch 2.13): any
+# change (a case newly rejected, or newly matched) shows up as a diff of these sets.
+NOT_EXPORTABLE = {"dynamic_shape_round"}
+REJECTED = {
+    # the registry only (no eager fallback): data-dependent ops and torch.cond / map forms
+    False: {
+        "assume_constant_result", "cond_closed_over_variable", "cond_operands",
+        "constrain_as_size_example", "constrain_as_value_example", "dynamic_shape_map",
+    },
+    # with fallback only control flow that the frontend does not take apart is rejected
+    True: {"cond_closed_over_variable", "cond_operands", "dynamic_shape_map"},
+}
+RECORDED_TORCH = "2.13"
+
+
 @pytest.mark.parametrize("fallback", [False, True], ids=["strict_registry", "fallback"])
 def test_exportdb_examples(fallback, capsys):
-    counts = {"matched": 0, "rejected": 0, "not exportable": 0}
-    rejected = []
+    buckets: dict[str, set[str]] = {"matched": set(), "rejected": set(), "not exportable": set()}
     for name, case in CASES:
         if not _exportable(case):
-            counts["not exportable"] += 1
+            buckets["not exportable"].add(name)
             continue
-        result = _run_case(case, fallback)
-        counts[result] += 1
-        if result == "rejected":
-            rejected.append(name)
+        buckets[_run_case(case, fallback)].add(name)
     with capsys.disabled():
-        print(f"\nExportDB ({'fallback on' if fallback else 'fallback off'}): {counts}; "
-              f"rejected: {rejected}")
-    assert counts["matched"] >= 25
-    assert counts["matched"] + counts["rejected"] + counts["not exportable"] == len(CASES)
-    if fallback:  # with fallback only control flow (torch.cond / map) may be rejected
-        assert len(rejected) <= 3, rejected
+        print(f"\nExportDB ({'fallback on' if fallback else 'fallback off'}): "
+              f"{ {k: len(v) for k, v in buckets.items()} }; rejected: {sorted(buckets['rejected'])}")
+    if not torch.__version__.startswith(RECORDED_TORCH):
+        pytest.skip(f"the expected sets are recorded for torch {RECORDED_TORCH}; this is "
+                    f"{torch.__version__} (every matched case was still compared with eager)")
+    assert buckets["not exportable"] == NOT_EXPORTABLE
+    assert buckets["rejected"] == REJECTED[fallback]
+    assert buckets["matched"] == {n for n, _ in CASES} - NOT_EXPORTABLE - REJECTED[fallback]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from meshweave.codegen.mlir_dump import (
+from meshweave.codegen.mlir.dump import (
     INSTALL_HINT,
     MlirLoweringError,
     dump_mlir,
@@ -99,7 +99,7 @@ def test_cli_rank_dump(capsys):
         pytest.skip("torch-mlir is not installed (pip install 'meshweave[mlir]')")
     pytest.importorskip(
         "meshweave.passes.parallel.lower",
-        reason="passes/parallel/lower.py (lower_for_rank) is not in this build yet",
+        reason="passes/parallel/lower/ (lower_for_rank) is not in this build yet",
     )
     rc = main(["dump", "--model", "gpt-tiny", "--what", "mlir", "--mesh", "tp=2", "--rank", "1"])
     out = capsys.readouterr()

@@ -14,16 +14,10 @@ import onnx
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from meshweave.codegen.onnx_export import (
-    OPSET,
-    OnnxUnsupportedOpError,
-    export_onnx,
-    run_manifest,
-    use_external_data,
-    verify_onnx,
-)
-from meshweave.codegen.onnx_partition import apply_collective
-from meshweave.codegen.onnx_translations import ONNX_TRANSLATIONS, contrib_op
+from meshweave.codegen.onnx.export import OPSET, export_onnx, run_manifest
+from meshweave.codegen.onnx.single import OnnxUnsupportedOpError, use_external_data, verify_onnx
+from meshweave.codegen.onnx.partition import apply_collective
+from meshweave.codegen.onnx.translations import ONNX_TRANSLATIONS, contrib_op
 from meshweave.ir.graph import Node, Value, map_values
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.models import build_model
@@ -80,12 +74,12 @@ def test_export_matches_eager(name, tmp_path):
 
 def _partition_plan(graph, kind: str):
     megatron = pytest.importorskip(
-        "meshweave.passes.parallel.megatron_grid",
-        reason="passes/parallel/megatron_grid.py (megatron_plan) is not in this build yet",
+        "meshweave.passes.parallel.search.megatron_grid",
+        reason="passes/parallel/search/megatron_grid.py (megatron_plan) is not in this build yet",
     )
     pytest.importorskip(
-        "meshweave.passes.parallel.lower",
-        reason="passes/parallel/lower.py (lower_for_rank) is not in this build yet",
+        "meshweave.passes.parallel.lower.rank",
+        reason="passes/parallel/lower/ (lower_for_rank) is not in this build yet",
     )
     dp, tp, pp = {"tp2": (1, 2, 1), "pp2": (1, 1, 2)}[kind]
     return megatron.megatron_plan(graph, dp, tp, pp, micro_batches=1)
@@ -175,14 +169,14 @@ def test_partition_segments_and_collectives_handmade(how, tmp_path, monkeypatch)
     cut out of one export (small models) or exported one by one (weights past the limit)."""
     import types
 
-    from meshweave.codegen import onnx_partition
+    from meshweave.codegen.onnx import partition as onnx_partition
 
     if how == "one_by_one":
         monkeypatch.setattr(onnx_partition, "UNION_LIMIT_BYTES", 0)
 
-    fake = types.ModuleType("meshweave.passes.parallel.lower")
+    fake = types.ModuleType("meshweave.passes.parallel.lower.rank")
     fake.lower_for_rank = _handmade_tp_lowering
-    monkeypatch.setitem(sys.modules, "meshweave.passes.parallel.lower", fake)
+    monkeypatch.setitem(sys.modules, "meshweave.passes.parallel.lower.rank", fake)
     model, x = _MLP().eval(), torch.randn(3, 8)
     cm = meshweave.compile(model, (x,))
     plan = Plan(DeviceMesh((2,), ("tp",)))

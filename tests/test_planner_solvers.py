@@ -9,27 +9,26 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.ir.sharding import Partial, Replicate, Shard
-from meshweave.passes.parallel.clustering import cluster_layers, expand_clusters
-from meshweave.passes.parallel.collectives import (
+from meshweave.passes.parallel.intra_op.clustering import cluster_layers, expand_clusters
+from meshweave.passes.parallel.cost.collectives import (
     collective_time,
     link_for_axis,
     resharding_cost,
     resharding_cost_multi,
 )
-from meshweave.passes.parallel.hardware import (
+from meshweave.passes.parallel.cost.hardware import (
     LinkSpec,
     get_spec,
     list_presets,
     load_spec,
     save_spec,
 )
-from meshweave.passes.parallel.ilp import (
+from meshweave.passes.parallel.intra_op.ilp import (
     IntraOpProblem,
     NoFeasiblePlanError,
     Strategy,
@@ -37,13 +36,13 @@ from meshweave.passes.parallel.ilp import (
     min_memory,
     solve_intra_op,
 )
-from meshweave.passes.parallel.optimizer_shard import (
+from meshweave.passes.parallel.cost.optimizer_shard import (
     activation_memory,
     inflight_microbatches,
     param_training_memory,
     params_training_memory,
 )
-from meshweave.passes.parallel.pipeline import (
+from meshweave.passes.parallel.search.pipeline import (
     StageCostTable,
     alpa_submesh_shapes,
     brute_force_pipeline,
@@ -146,7 +145,7 @@ LINK = LinkSpec(latency_s=1e-5, bandwidth_Bps=1e10)
 
 
 def test_collective_efficiency_per_kind_and_its_json_round_trip(tmp_path):
-    from meshweave.passes.parallel.hardware import get_spec, load_spec, save_spec
+    from meshweave.passes.parallel.cost.hardware import get_spec, load_spec, save_spec
 
     slow_rs = LinkSpec(1e-5, 1e10, (("reduce_scatter", 0.25),))
     nb, n = 1e8, 4
@@ -161,7 +160,7 @@ def test_collective_efficiency_per_kind_and_its_json_round_trip(tmp_path):
 
 
 def test_calibration_fit_recovers_alpha_beta_and_efficiency():
-    from meshweave.passes.parallel.calibrate import _LINK_CASES, fit_link
+    from meshweave.passes.parallel.cost.calibrate import _LINK_CASES, fit_link
 
     alpha, beta = 40e-6, 2e9  # what the "measured" times below are made of
     times = []
@@ -405,10 +404,17 @@ def chain_problem(n_layers: int, weight: float = 1.0, budget_per_layer: float = 
     return pr
 
 
-def test_clustered_96_layers_solve_as_fast_as_4_layers():
-    t0 = time.perf_counter()
+def _milp_size(problem: IntraOpProblem) -> int:
+    """Variables of the MILP before reductions: one per node strategy, one per edge pair."""
+    return sum(len(n.strategies) for n in problem.nodes) + sum(
+        e.cost.size for e in problem.edges
+    )
+
+
+def test_clustered_96_layers_solve_as_a_problem_of_one_layer():
+    """Clustering makes 96 layers one representative: the MILP HiGHS sees is the size of one
+    layer, smaller than the 4-layer chain's, not of 96 (sizes, not wall time, on CI)."""
     four = solve_intra_op(chain_problem(4))
-    t_four = time.perf_counter() - t0
     # One representative block standing for 96 layers; the layer-to-layer edge closes the
     # loop with weight 95 (it occurs between each consecutive pair).
     rep = chain_problem(1, weight=96)
@@ -416,11 +422,13 @@ def test_clustered_96_layers_solve_as_fast_as_4_layers():
     back = np.random.default_rng(1).random((len(rep.nodes[-1].strategies),
                                             len(rep.nodes[0].strategies)))
     rep.add_edge(names[-1], names[0], back, weight=95)
-    t0 = time.perf_counter()
     sol = solve_intra_op(rep)
-    t_rep = time.perf_counter() - t0
     assert four.status in ("optimal", "trivial") and sol.status in ("optimal", "trivial")
-    assert t_rep <= 3 * t_four + 0.3, (t_rep, t_four)
+    size_rep, size_four = _milp_size(rep), _milp_size(chain_problem(4))
+    size_96 = _milp_size(chain_problem(96))
+    assert size_rep < size_four / 3 and size_96 > 20 * size_rep, (size_rep, size_four, size_96)
+    if "variables" in sol.stats and "variables" in four.stats:  # after the exact reductions
+        assert sol.stats["variables"] < four.stats["variables"], (sol.stats, four.stats)
     # Replicating the representative's choice over the explicit 96-layer problem gives the
     # same objective and memory: the weights count every layer and every link.
     full = chain_problem(96)

@@ -188,7 +188,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 def test_cli_report(tmp_path, capsys):
     pytest.importorskip(
-        "meshweave.passes.parallel.megatron_grid", reason="megatron_plan is not in this build yet"
+        "meshweave.passes.parallel.search.megatron_grid", reason="megatron_plan is not in this build yet"
     )
     from meshweave.cli import main
 
@@ -226,7 +226,7 @@ def test_non_finite_estimates_stay_valid_json():
 def test_searched_plan_timeline_uses_the_plans_stage_times():
     import meshweave
     from meshweave.models import build_model
-    from meshweave.passes.parallel.search import plan_parallel
+    from meshweave.passes.parallel.search.search import plan_parallel
     from meshweave.report import report_data
 
     model, inputs = build_model("gpt-tiny", batch=4, seq=16)

@@ -18,7 +18,7 @@ from conftest import assert_same_outputs
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.ir.sharding import parse_placement
 from meshweave.passes.parallel import LoweringError, megatron_plan, simulate_plan
-from meshweave.passes.parallel.cross_mesh import assemble_order, transfer_schedule
+from meshweave.passes.parallel.lower.cross_mesh import assemble_order, transfer_schedule
 from meshweave.passes.parallel.plan import Plan
 from meshweave.runtime.distributed.program import tie_rank_groups, tied_params
 from meshweave.runtime.distributed.runner import (
@@ -70,7 +70,7 @@ def _covers_exactly(pieces, dst_mesh, shape, dst_pl):
         for box in mine:
             hit[tuple(slice(lo, hi) for lo, hi in box)] += 1
         want = torch.zeros(shape, dtype=torch.int32)
-        from meshweave.passes.parallel.cross_mesh import rank_box
+        from meshweave.passes.parallel.lower.cross_mesh import rank_box
 
         box = rank_box(shape, dst_pl, dst_mesh, r, "test")
         want[tuple(slice(lo, hi) for lo, hi in box)] = 1

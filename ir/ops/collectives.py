@@ -1,6 +1,6 @@
 """Collective and point-to-point ops of per-rank programs (`dist.*`), from the parallel lowering.
 
-passes/parallel/lower.py turns a planned graph into one program per rank; the data movement
+passes/parallel/lower/ turns a planned graph into one program per rank; the data movement
 between ranks is explicit in it as these ops. Keyword arguments (the contract with the
 distributed runtime):
 

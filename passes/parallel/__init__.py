@@ -1,42 +1,35 @@
-"""Automatic parallel planner: cost models and solvers (costs in, plan out).
+"""Automatic parallel planner: a graph and a device mesh in, a Plan and per-rank programs out.
 
-  hardware.py         HardwareSpec presets (h100, h200, a100, ascend910, cpu) and JSON specs
-  collectives.py      alpha-beta collective costs, per-axis links, resharding costs
-  ilp_problem.py      IntraOpProblem / Strategy / IntraOpSolution / NoFeasiblePlanError
-  ilp_reduce.py       exact preprocessing (dominance, folding, low-degree elimination)
-  ilp.py              intra-op MILP (scipy HiGHS): solve_intra_op, min_memory
-  clustering.py       grouping of repeated layers into one weighted representative
-  pipeline_costs.py   stage cost tables, Alpa sub-mesh shapes, device placement
-  pipeline_dp.py      the stage-partition dynamic program
-  pipeline.py         plan_pipeline (inter-op stages, micro-batches, schedule)
-  optimizer_shard.py  training memory accounting (Adam, ZeRO-1, activations, recompute)
+The folders follow how a plan is made, each building only on the ones above it:
 
-The solvers never look at the model graph or the hardware: callers turn both into costs.
+  strategies/  how each op can run over a mesh axis (SHARDING_RULES), whole-mesh strategies,
+               batch-dim tracking, and the collectives between two placements (reshard.py)
+  cost/        hardware specs and calibration, alpha-beta collectives, the per-mesh cost
+               model, training memory (Adam, ZeRO-1, recompute), pipeline stage cost tables
+  intra_op/    the intra-op sharding problem as a MILP (HiGHS), its exact reductions, primal
+               heuristic and layer clustering: costs in, a choice per node out (no graph)
+  plan.py      the Plan: what the planner decides, versioned and JSON-serializable
+  search/      plan_parallel(): the graph's reduced problem, the configuration grid, the
+               Megatron baseline, the pipeline DP, Alpa sub-meshes, building the Plan
+  lower/       lower_for_rank(): per-rank programs with dist.* collectives, cross-mesh
+               transfers, and simulate_plan() (every rank in one process: the test oracle)
+
+A new pass family does not edit these files: its ops' sharding rules register in
+strategies/axis.py's SHARDING_RULES from the family's own folder, as ir/ops register with the
+op registry.
 """
 
-# --- planner front end: graph -> Plan -> per-rank programs (the automatic parallel planner) ---
-#   sharding_rules.py  per-op, per-mesh-axis sharding strategies (RuleTable "sharding");
-#                      sharding_shape_rules.py those of views, data movement and creation
-#   strategies.py      whole-mesh node strategies, batch-dim tracking, re-batched shapes
-#   layers.py          repeated-layer detection and the representative layer
-#   cost_model.py      per-strategy compute/memory and resharding cost matrices
-#   problem.py         the reduced graph's IntraOpProblem and segment evaluation
-#   staging.py         stage costs, partitions and the step-time estimate
-#   candidates.py      the pp x dp x tp x micro-batch configurations, cost caches
-#   megatron_grid.py   the Megatron-style baseline grid and megatron_plan()
-#   search.py          plan_parallel(): grid, ILP, memory multiplier, pipeline DP
-#   submesh_search.py  stages on meshes of their own size and shape (Alpa's sub-meshes)
-#   no_fit.py          the "nothing fits" error: the smallest per-device memory any plan needs
-#   plan_build.py      Plan construction; reshard.py the collectives between placements
-#   lower.py / lower_rank.py / lower_rules.py   lower_for_rank(): per-rank programs
-#   cross_mesh.py      the pieces a value moves in between stage meshes of different shapes
-#   simulate.py        simulate_plan(): every rank in one process (test oracle)
-#   calibrate.py       `meshweave calibrate`: measure the local device into a HardwareSpec
 _EXPORTS = {
-    "plan_parallel": "search", "PlanningError": "strategies", "megatron_plan": "megatron_grid",
-    "megatron_grid": "megatron_grid", "lower_for_rank": "lower", "shard_tensor": "lower",
-    "LoweringError": "lower", "simulate_plan": "simulate", "Plan": "plan",
-    "NoFeasiblePlanError": "ilp_problem",
+    "plan_parallel": "search.search",
+    "PlanningError": "strategies.node_strategies",
+    "megatron_plan": "search.megatron_grid",
+    "megatron_grid": "search.megatron_grid",
+    "lower_for_rank": "lower.rank",
+    "shard_tensor": "lower.setup",
+    "LoweringError": "lower.setup",
+    "simulate_plan": "lower.simulate",
+    "Plan": "plan",
+    "NoFeasiblePlanError": "intra_op.problem",
 }
 
 

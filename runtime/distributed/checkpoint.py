@@ -12,7 +12,7 @@ only), so a rank never reads, and under spawn never receives, the full weights.
 A rank lowers that meta graph (its program's tensors are meta shards), then opens the file with
 `torch.load(mmap=True, weights_only=True)`: tensors are file-backed and only the pages a rank
 touches are read. It cuts each tensor its program holds by the program's shard spec
-(`graph.meta["shard_specs"]`, passes/parallel/lower.py's format; none for the runtime's own
+(`graph.meta["shard_specs"]`, passes/parallel/lower/'s format; none for the runtime's own
 stage split: the whole tensor of the rank's stage) and clones the piece, so its memory holds
 only its own shards. A missing, unreadable or mismatching file raises DistributedError naming
 the file.

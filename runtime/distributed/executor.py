@@ -149,7 +149,7 @@ class RankExecutor:
         dims = prog.batch_dims if prog.batch_dims is not None else {}
         chunk = self._micro_batch(full, mb, dims.get(v.name, 0))
         if prog.input_specs and v.name in prog.input_specs:
-            from ...passes.parallel.lower import shard_tensor
+            from meshweave.passes.parallel.lower.setup import shard_tensor
 
             return shard_tensor(chunk, prog.input_specs[v.name])
         return local_shard(chunk, self.placements(v), self.coords, self.mesh.shape)

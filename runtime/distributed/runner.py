@@ -21,10 +21,10 @@ inputs (the last position predicts token 0), the loss is executor.py's documente
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from meshweave import env
 
 from ...ir.graph import Graph
 from ...ir.mesh import DeviceMesh
+from ..compare import ComparisonError, max_errors, worst
 from .checkpoint import CHECKPOINT_NAME, load_program_weights, rank_job
 from .errors import DistributedError
 from .executor import RankExecutor
@@ -114,6 +115,7 @@ class RankResult:
     param_numel: int
     optim_state_numel: int
     param_bytes: int = 0  # bytes of the distinct storages behind the rank's parameters
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time per step
 
 
 @dataclasses.dataclass
@@ -125,15 +127,15 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------ preparing
-_PLANNER_MODULES = ("lower", "megatron_grid", "search")
+_PLANNER_MODULES = ("lower", "lower.rank", "search", "search.megatron_grid", "search.search")
 
 
 def _planner():
     """The planner's entry points, or None when passes/parallel has no lowering."""
     try:
-        from ...passes.parallel.lower import lower_for_rank
-        from ...passes.parallel.megatron_grid import megatron_plan
-        from ...passes.parallel.search import plan_parallel
+        from meshweave.passes.parallel.lower.rank import lower_for_rank
+        from meshweave.passes.parallel.search.megatron_grid import megatron_plan
+        from meshweave.passes.parallel.search.search import plan_parallel
     except ModuleNotFoundError as e:  # only a missing planner module; other errors propagate
         if e.name in {f"meshweave.passes.parallel.{m}" for m in _PLANNER_MODULES}:
             return None
@@ -179,7 +181,7 @@ def prepare(spec: RunSpec, traced=None, cache: dict | None = None) -> Job:
         lowering = "planner" if planner is not None else "split"
     if lowering == "planner" and planner is None:
         raise DistributedError(
-            "the planner's lowering (passes/parallel/lower.py) is not "
+            "the planner's lowering (passes/parallel/lower/) is not "
             "available; use lowering='split' (data/pipeline parallel only)"
         )
     model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq, spec.layers)
@@ -244,7 +246,7 @@ def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
     if spec.tp != 1 or spec.plan in ("auto", "file"):
         raise DistributedError(
             f"plan {spec.plan!r} (tp={spec.tp}) needs the planner's "
-            f"lowering (passes/parallel/lower.py), which is not available"
+            f"lowering (passes/parallel/lower/), which is not available"
         )
     local = spec.batch // (spec.dp * spec.micro_batches)
     if local * spec.dp * spec.micro_batches != spec.batch or local < 1:
@@ -323,12 +325,16 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         ties=ties,
         own_tensors=True,
     )
-    outputs, losses = None, []
+    outputs, losses, seconds = None, [], []
     if spec.training:
         for _ in range(spec.steps):
+            t0 = time.perf_counter()
             losses.append(ex.train_step(job.inputs, job.labels))
+            seconds.append(time.perf_counter() - t0)
     else:
+        t0 = time.perf_counter()
         outputs = ex.infer(job.inputs)
+        seconds.append(time.perf_counter() - t0)
     pl = {v.name: tuple(ex.placements(v)) for v in program.graph.inputs if v.kind == "param"}
     given = program.graph.meta.get("shard_specs") or {}
     specs = {
@@ -350,6 +356,7 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         sum(t.numel() for t in ex.params.values()),
         opt,
         _storage_bytes([*ex.params.values(), *(program.graph.tensors[k] for k in ex.params)]),
+        seconds,
     )
 
 
@@ -496,26 +503,30 @@ def _tensor_leaves(out) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def compare(ref: RunResult, got: RunResult) -> dict[str, float]:
-    """Max absolute errors: 'outputs', 'loss', 'params' (and the worst parameter's name)."""
+def compare(ref: RunResult, got: RunResult) -> dict[str, Any]:
+    """Max absolute errors: 'outputs', 'loss' (over every step), 'params' (and the worst
+    parameter's name, 'worst_param').
+
+    Outputs are compared by position, losses by step and parameters by name, all by count: a
+    missing or extra output, step or parameter raises DistributedError naming it. Parameters
+    are compared when the reference trained them (an inference reference records none).
+    """
     errs: dict[str, Any] = {}
-    if ref.outputs is not None:
-        if got.outputs is None or len(got.outputs) != len(ref.outputs):
-            raise DistributedError("the distributed run returned no (or too few) outputs")
-        errs["outputs"] = max(_err(a, b) for a, b in zip(ref.outputs, got.outputs))
-    if ref.losses:
-        errs["loss"] = max(abs(a - b) for a, b in zip(ref.losses, got.losses))
-    if ref.params:
-        missing = sorted(set(ref.params) - set(got.params))
-        if missing:
-            raise DistributedError(f"parameters {missing[:4]} missing from the distributed run")
-        worst = max(ref.params, key=lambda k: _err(ref.params[k], got.params[k]))
-        errs["params"] = _err(ref.params[worst], got.params[worst])
-        errs["worst_param"] = worst
+    try:
+        if ref.outputs is not None:
+            if got.outputs is None:
+                raise DistributedError("the distributed run returned no outputs")
+            errs["outputs"] = max(max_errors(ref.outputs, got.outputs).values())
+        if ref.losses or got.losses:
+            by_step = max_errors(
+                {f"step {i + 1}": x for i, x in enumerate(ref.losses)},
+                {f"step {i + 1}": x for i, x in enumerate(got.losses)},
+                what="loss",
+            )
+            errs["loss"] = max(by_step.values())
+        if ref.params:  # training: the reference's updated parameters (inference records none)
+            per = max_errors(ref.params, got.params, what="parameter")
+            errs["worst_param"], errs["params"] = worst(per)
+    except ComparisonError as e:
+        raise DistributedError(f"the distributed run does not match one device: {e}") from None
     return errs
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if tuple(a.shape) != tuple(b.shape):
-        return math.inf
-    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0

@@ -1,0 +1,173 @@
+"""Per-op rewrites of the parallel lowering, in the `LOWERING_RULES` table keyed by op name.
+
+A rule gets the RankLowering, the original node, its args/kwargs on local values, the local
+output types and the output placements, and returns the local output Values. Most ops need
+only local shapes in their size arguments; the others:
+
+  linear / addmm  with a Partial output (row parallel): the bias is added on one rank of the
+                  group only (the others run without it: linear without bias, mm for addmm)
+  embedding       vocab parallel (weight sharded on rows, output Partial): look up local rows,
+                  zero the rows of ids outside this rank's vocabulary range
+  mean            over a sharded dim (output Partial): scale the local mean by 1 / shards
+
+`setup.block_sources` says how a piece-by-piece (blocked) layout requested by a split flows back
+through an op to its inputs (to the fused weight, in the end).
+"""
+
+from __future__ import annotations
+
+import math
+
+from meshweave.ir.graph import Node, Value
+from meshweave.ir.registry import RuleTable
+from meshweave.ir.sharding import Partial, Replicate, Shard
+from meshweave.ir.types import TensorType
+from .setup import LoweringError, LoweringSetup
+
+LOWERING_RULES = RuleTable("parallel_lowering")
+
+
+def default_rule(
+    rl, n: Node, args: tuple, kwargs: dict, out_types: list, out_pls: list
+) -> list[Value]:
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+@LOWERING_RULES.register(
+    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.expand.default"
+)
+def sized_view_rule(rl, n, args, kwargs, out_types, out_pls):
+    args = (args[0], list(out_types[0].shape)) + tuple(args[2:])
+    op = n.op
+    src = args[0].producer
+    if op == "aten.view.default" and src is not None and src.op in _STRIDED:
+        # Local shapes can make a traced view of a permuted tensor stride-incompatible
+        # (the kernels' output layouts depend on sizes); reshape copies when it must.
+        op = "aten.reshape.default"
+    return rl.emit_like(n, op, args, kwargs, out_types, out_pls)
+
+
+_STRIDED = {
+    "aten.permute.default",
+    "aten.transpose.int",
+    "aten.t.default",
+    "aten.expand.default",
+    "aten.slice.Tensor",
+    "aten.select.int",
+    "aten.scaled_dot_product_attention.default",
+}
+
+
+@LOWERING_RULES.register(
+    "aten.full.default", "aten.zeros.default", "aten.ones.default", "aten.empty.memory_format"
+)
+def fill_rule(rl, n, args, kwargs, out_types, out_pls):
+    args = (list(out_types[0].shape),) + tuple(args[1:])
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+@LOWERING_RULES.register("aten.split_with_sizes.default")
+def split_rule(rl, n, args, kwargs, out_types, out_pls):
+    x = rl.su.types[n.args[0]]
+    d = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.rank
+    sizes = [t.shape[d] for t in out_types]
+    args = (args[0], sizes) + tuple(args[2:])
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+def _partial_axes(pl) -> list[int]:
+    return [a for a, p in enumerate(pl or ()) if isinstance(p, Partial)]
+
+
+def _keeps_bias(rl, out_pl, bias_pl) -> bool:
+    """With a Partial output, only coordinate 0 of the partial axes adds a replicated bias."""
+    return all(
+        rl.coords[a] == 0 for a in _partial_axes(out_pl) if isinstance(bias_pl[a], Replicate)
+    )
+
+
+@LOWERING_RULES.register("aten.linear.default")
+def linear_rule(rl, n, args, kwargs, out_types, out_pls):
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if (
+        isinstance(bias, Value)
+        and _partial_axes(out_pls[0])
+        and not _keeps_bias(rl, out_pls[0], rl.su.in_pl[n][2])
+    ):
+        return rl.emit_like(n, n.op, (args[0], args[1]), {}, out_types, out_pls)
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+@LOWERING_RULES.register("aten.addmm.default")
+def addmm_rule(rl, n, args, kwargs, out_types, out_pls):
+    if _partial_axes(out_pls[0]) and not _keeps_bias(rl, out_pls[0], rl.su.in_pl[n][0]):
+        if kwargs.get("alpha", 1) != 1:
+            raise LoweringError(f"%{n.outputs[0].name}: row-parallel addmm with alpha != 1")
+        return rl.emit_like(n, "aten.mm.default", (args[1], args[2]), {}, out_types, out_pls)
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+@LOWERING_RULES.register("aten.embedding.default")
+def embedding_rule(rl, n, args, kwargs, out_types, out_pls):
+    su: LoweringSetup = rl.su
+    w_pl = su.in_pl[n][0]
+    vocab_axes = [
+        a for a in _partial_axes(out_pls[0]) if isinstance(w_pl[a], Shard) and w_pl[a].dim == 0
+    ]
+    if not vocab_axes:
+        return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+    rows_axes = [a for a, p in enumerate(w_pl) if isinstance(p, Shard) and p.dim == 0]
+    chunk = 0
+    for a in rows_axes:
+        chunk = chunk * rl.mesh.shape[a] + rl.coords[a]
+    w, idx = args[0], args[1]
+    rows = w.type.shape[0]
+    start = chunk * rows
+    it: TensorType = idx.type
+    b8 = TensorType(it.shape, _bool(), it.device)
+    name = n.outputs[0].name
+    shifted = rl.add("aten.sub.Tensor", (idx, start), {}, [it], f"{name}_ids")
+    low = rl.add("aten.lt.Scalar", (shifted, 0), {}, [b8], f"{name}_lo")
+    high = rl.add("aten.ge.Scalar", (shifted, rows), {}, [b8], f"{name}_hi")
+    outside = rl.add("aten.logical_or.default", (low, high), {}, [b8], f"{name}_out")
+    safe = rl.add("aten.masked_fill.Scalar", (shifted, outside, 0), {}, [it], f"{name}_safe")
+    emb = rl.emit_like(n, n.op, (w, safe) + tuple(args[2:]), kwargs, out_types, out_pls)[0]
+    mt = TensorType(tuple(it.shape) + (1,), _bool(), it.device)
+    mask = rl.add("aten.unsqueeze.default", (outside, -1), {}, [mt], f"{name}_mask")
+    return [
+        rl.add(
+            "aten.masked_fill.Scalar",
+            (emb, mask, 0.0),
+            {},
+            out_types,
+            f"{name}_local",
+            placements=out_pls,
+        )
+    ]
+
+
+def _bool():
+    import torch
+
+    return torch.bool
+
+
+@LOWERING_RULES.register("aten.mean.dim", "aten.mean.default")
+def mean_rule(rl, n, args, kwargs, out_types, out_pls):
+    outs = rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+    in_pl = rl.su.in_pl[n][0]
+    k = math.prod(
+        rl.mesh.shape[a] for a in _partial_axes(out_pls[0]) if isinstance(in_pl[a], Shard)
+    )
+    if k == 1:
+        return outs
+    return [
+        rl.add(
+            "aten.mul.Tensor",
+            (outs[0], 1.0 / k),
+            {},
+            out_types,
+            f"{outs[0].name}_avg",
+            placements=out_pls,
+        )
+    ]

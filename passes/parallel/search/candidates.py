@@ -1,0 +1,178 @@
+"""The configuration space shared by the search and the Megatron grid, and its caches.
+
+A configuration is a pipeline depth `pp`, a stage mesh (each of the `pp` stages owns one copy
+of it; for a device count the mesh is (dp, tp) with tp a power of two inside one node, for a
+fixed `DeviceMesh` its first axis is cut into `pp` pieces), and a micro-batch count `B` (the
+global batch splits into B micro-batches; the micro-batch must split evenly over dp).
+
+`PlannerState` keeps the per-graph analysis and, per (stage mesh, micro-batch size), the
+`MeshModel` (costs) and `RawProblem` (ILP matrices), plus one `CommTable` per mesh shape, so
+that the grid and the search never rebuild the same costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from meshweave.ir.graph import Graph
+from meshweave.ir.mesh import DeviceMesh
+from ..cost.cost_model import CommTable, MeshModel, compute_dtype
+from ..cost.hardware import HardwareSpec
+from .context import GraphContext, Key, RawProblem, placements_of
+from ..strategies.node_strategies import PlanningError
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    pp: int
+    mesh: DeviceMesh  # the stage mesh
+    micro_batches: int
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.shape[0]
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape[-1] if self.mesh.ndim > 1 else 1
+
+    def label(self) -> str:
+        return f"pp={self.pp} mesh={'x'.join(map(str, self.mesh.shape))} B={self.micro_batches}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def stage_meshes(
+    mesh_or_count: DeviceMesh | int, spec: HardwareSpec, n_units: int, max_stages: int | None
+) -> list[tuple[int, DeviceMesh]]:
+    """(pp, stage mesh) pairs; tensor parallelism stays inside a node (last mesh axis)."""
+    cap = min(n_units, max_stages or n_units)
+    out = []
+    if isinstance(mesh_or_count, DeviceMesh):
+        m = mesh_or_count
+        names = m.axis_names
+        for pp in _divisors(m.shape[0]):
+            if pp <= cap:
+                out.append((pp, DeviceMesh((m.shape[0] // pp, *m.shape[1:]), names)))
+        return out
+    n = int(mesh_or_count)
+    if n < 1:
+        raise PlanningError(f"device count must be >= 1, got {n}")
+    for pp in _divisors(n):
+        if pp > cap:
+            continue
+        rest = n // pp
+        tp = 1
+        while tp <= min(rest, spec.devices_per_node):
+            if rest % tp == 0:
+                out.append((pp, DeviceMesh((rest // tp, tp), ("dp", "tp"))))
+            tp *= 2
+    return out
+
+
+def microbatch_options(batch: int, pp: int, dp: int, training: bool, limit: int = 8) -> list[int]:
+    """Micro-batch counts B: B divides batch / dp (every device gets whole samples); with a
+    pipeline B >= pp. At most `limit`, spread geometrically, always keeping the largest."""
+    if batch % dp:
+        return []
+    per = batch // dp
+    opts = [b for b in _divisors(per) if b >= min(pp, per)]
+    if not training and pp == 1:
+        opts = [1] if 1 in opts else opts[:1]
+    if len(opts) > limit:
+        keep = {opts[0], opts[-1]}
+        step = (len(opts) - 1) / (limit - 1)
+        keep |= {opts[round(i * step)] for i in range(limit)}
+        opts = sorted(keep)
+    return opts
+
+
+class PlannerState:
+    """Graph analysis plus cost caches for one planning request."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        spec: HardwareSpec,
+        *,
+        batch: int,
+        training: bool,
+        repeats: int | None = None,
+        dtype: str | None = None,
+        pins: Mapping[str, tuple[str, ...]] | None = None,
+        memory_budget: float | None = None,
+    ):
+        self.graph, self.spec, self.batch, self.training = graph, spec, batch, training
+        if memory_budget is not None and not memory_budget > 0:
+            raise PlanningError(f"memory budget must be positive, got {memory_budget}")
+        self.memory_budget = memory_budget
+        self.ctx = GraphContext.build(graph, repeats)
+        self.dtype = dtype or compute_dtype(graph, spec)
+        self.pins = dict(pins or {})
+        self._comm: dict[tuple, CommTable] = {}
+        self._models: dict[tuple, MeshModel] = {}
+        self._raw: dict[tuple, RawProblem] = {}
+
+    @property
+    def n_units(self) -> int:
+        return max(1, self.ctx.layers.num_layers)
+
+    def _key(self, mesh: DeviceMesh, micro_batch: int) -> tuple:
+        return (mesh.shape, mesh.axis_names, micro_batch)
+
+    def model(self, mesh: DeviceMesh, micro_batch: int) -> MeshModel:
+        key = self._key(mesh, micro_batch)
+        m = self._models.get(key)
+        if m is None:
+            ck = (mesh.shape, mesh.axis_names)
+            comm = self._comm.get(ck)
+            if comm is None:
+                comm = self._comm[ck] = CommTable(mesh, self.spec, self.training)
+            m = MeshModel(
+                self.graph,
+                self.ctx.types,
+                self.ctx.batch,
+                mesh,
+                micro_batch,
+                self.spec,
+                training=self.training,
+                dtype=self.dtype,
+                comm=comm,
+            )
+            self._models[key] = m
+        return m
+
+    def raw(self, mesh: DeviceMesh, micro_batch: int) -> RawProblem:
+        key = self._key(mesh, micro_batch)
+        r = self._raw.get(key)
+        if r is None:
+            r = self._raw[key] = RawProblem(self.ctx, self.model(mesh, micro_batch), self.pins)
+        return r
+
+    def budget(self) -> float:
+        """Bytes per device a plan may use: the override, else the usable device memory."""
+        from .staging import USABLE_MEMORY
+
+        if self.memory_budget is not None:
+            return float(self.memory_budget)
+        return self.spec.memory_bytes * USABLE_MEMORY
+
+
+def respects_pins(state: PlannerState, assign: Mapping[Key, Any]) -> bool:
+    """Whether an assignment gives every pinned value (CompileOptions pins) its pinned layout."""
+    pls = {v.name: tuple(str(p) for p in pl) for v, pl in placements_of(assign).items()}
+    return all(
+        pls.get(state.ctx.rep_value(_value(state, n)).name) == tuple(t)
+        for n, t in state.pins.items()
+    )
+
+
+def _value(state: PlannerState, name: str):
+    for v in state.graph.all_values():
+        if v.name == name:
+            return v
+    raise PlanningError(f"pin on unknown value %{name}")
