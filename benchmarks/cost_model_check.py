@@ -1,6 +1,6 @@
 """The planner's cost model against this machine: predicted vs measured, op by op.
 
-    python benchmarks/cost_model_check.py [--quick]
+    python benchmarks/cost_model_check.py [--quick] [--cpu]
 
 The planner ranks plans by two formulas (passes/parallel): a roofline for compute
 (HardwareSpec.compute_time: max(FLOPs / FLOP/s, bytes / bandwidth)) and an alpha-beta model
@@ -121,18 +121,21 @@ def print_rows(rows: list[tuple], title: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
+    p.add_argument("--cpu", action="store_true",
+                   help="check the CPU even on a GPU machine, then whole plans on 4 gloo ranks "
+                        "(plan_cost_check.py); the last line is 'spearman R, median abs error E%%'")
     args = p.parse_args(argv)
 
     import torch
     from meshweave.passes.parallel.cost.calibrate import calibrate
     from meshweave.passes.parallel.cost.hardware import get_spec
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.cpu
     if not cuda:
         torch.set_num_threads(1)  # what each gloo rank has here; the spec is per device
     # one GPU: no second rank for a collective, so the link is not measured (NCCL needs 2)
     spec, report = calibrate(None, 4096 if cuda else (512 if args.quick else 1024),
-                             comm=not cuda)
+                             comm=not cuda, device="cuda" if cuda else "cpu")
     print(f"calibrated (torch {torch.__version__}{'' if cuda else ', 1 thread per device'}):"
           f"\n{report}\n")
     cases = check_compute(spec, args.quick, "cuda" if cuda else "cpu")
@@ -148,6 +151,10 @@ def main(argv=None) -> int:
         print_rows(rows, f"predicted by the {title}:")
     if not cuda and not args.quick:
         print("* more ranks than CPU cores: those times include the ranks competing for cores")
+    if args.cpu:  # whole plans, measured against their estimates (last line: the two figures)
+        import plan_cost_check
+
+        plan_cost_check.run(quick=args.quick)
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -32,13 +34,14 @@ def test_codegen_bench_tiny_runs(tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nrepro: {' '.join(cmd)}"
-    assert "codegen_bench on" in proc.stdout
+    assert "codegen_bench on cpu (Triton interpreter), torch" in proc.stdout
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["batch"], r["seq"]) for r in rows] == [(2, 8)]
     for r in rows:
         assert r["mw_max_err"] < 1e-4, r
         assert r["mw_cache"] == "miss" and r["mw_cached_status"] == "hit", r
-        assert r["mw_ms"] > 0 and r["eager_ms"] > 0
+        ratio = r["mw_ms"] / r["eager_ms"]  # what the table prints per row
+        assert math.isfinite(ratio) and ratio > 0, r
 
 
 def test_codegen_bench_without_transformers_uses_zoo_gpt2(tmp_path):
@@ -68,4 +71,6 @@ def test_host_overhead_bench_runs():
     env = dict(os.environ)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nrepro: {' '.join(cmd)}"
-    assert "launch sites" in proc.stdout and "ratio meshweave call() / eager" in proc.stdout
+    m = re.search(r"ratio meshweave call\(\) / eager: ([\d.]+)x", proc.stdout)
+    assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0, proc.stdout
+    assert "launch sites" in proc.stdout, proc.stdout

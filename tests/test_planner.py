@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from contextlib import redirect_stdout
 
@@ -224,3 +225,38 @@ def test_cost_model_check_runs(tmp_path):
     assert r.returncode == 0, f"{r.stderr[-2000:]}\nrepro: {' '.join(cmd)}"
     rows = [ln for ln in r.stdout.splitlines() if ln.endswith("x") and "ms" in ln]
     assert len(rows) == 6 and "cases: predicted/measured" in r.stdout, r.stdout
+    ratios = [float(ln.split()[-1].rstrip("x")) for ln in rows]
+    assert all(math.isfinite(x) and x > 0 for x in ratios), rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cost_model_ranks_whole_plans_like_real_runs(tmp_path):
+    """benchmarks/cost_model_check.py --cpu: calibrate this machine, run 9 distinct training
+    plans (DP, TP, PP, DP x TP, DP x PP, TP x PP; 1-4 micro-batches; ZeRO-1 on and off) on 4
+    gloo ranks and compare measured step times with the plans' estimates.
+
+    The bars asserted are guards, below the target: over six runs on the 2-core machine the
+    rank correlation was 0.82-0.96 (target 0.8) and the median absolute error 23-57% (target
+    30%): the estimates run at 0.4-0.9x of the measured times (a per-step overhead of the
+    runtime the model does not count, and a 4-ranks-on-2-cores gloo link that calibrates
+    differently from run to run). A guard fails on a model that stops ranking plans at all;
+    RESULTS.md records the figures."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "cost_model_check.py"), "--quick",
+           "--cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=850, cwd=tmp_path,
+                       check=False)
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\nrepro: {' '.join(cmd)}"
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"spearman (-?[\d.]+), median abs error (\d+)%", last)
+    assert m, f"last line {last!r}\n{r.stdout[-3000:]}"
+    plans = [ln for ln in r.stdout.splitlines() if re.match(r"dp\d tp\d pp\d mb\d", ln)]
+    assert len({ln.split("  ")[0] for ln in plans}) >= 8, r.stdout
+    rho, err = float(m.group(1)), float(m.group(2))
+    assert rho >= 0.7 and err < 80, f"{last}\n{r.stdout[-3000:]}\nrepro: {' '.join(cmd)}"

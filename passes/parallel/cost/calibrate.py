@@ -104,13 +104,15 @@ def _collective_worker(rank: int, world: int, port: int, cases: list, out) -> No
     dist.destroy_process_group()
 
 
-def fit_link(cases: list, times: list[float]) -> LinkSpec:
-    """alpha and beta by least squares over the 2-rank all-reduces (t = 2 alpha + B / beta),
-    then each other kind's efficiency: the ring model's bandwidth term over the measured one."""
+def fit_link(cases: list, times: list[float], world: int = 2) -> LinkSpec:
+    """alpha and beta by least squares over the ring all-reduces of `world` ranks
+    (t = 2(n-1) alpha + 2(n-1)/n B / beta), then each other kind's efficiency: the ring
+    model's bandwidth term over the measured one."""
     import numpy as np
 
+    steps, frac = 2 * (world - 1), (world - 1) / world
     ar = [(4 * n, t) for (k, n), t in zip(cases, times) if k == "all_reduce"]
-    design = np.array([[2.0, b] for b, _ in ar])
+    design = np.array([[steps, 2 * frac * b] for b, _ in ar])
     (alpha, inv_beta), *_ = np.linalg.lstsq(design, np.array([t for _, t in ar]), rcond=None)
     alpha = max(float(alpha), 1e-7)
     beta = 1.0 / max(float(inv_beta), 1e-12)
@@ -118,13 +120,16 @@ def fit_link(cases: list, times: list[float]) -> LinkSpec:
     for (kind, n), t in zip(cases, times):
         if kind == "all_reduce":
             continue
-        modelled = (4 * n / 2) / beta  # (n-1)/n of the bytes at 2 ranks
-        eff.append((kind, min(2.0, max(0.05, modelled / max(t - alpha, 1e-9)))))
+        modelled = (4 * n * frac) / beta  # (n-1)/n of the bytes
+        fixed = (world - 1) * alpha
+        eff.append((kind, min(2.0, max(0.05, modelled / max(t - fixed, 1e-9)))))
     return LinkSpec(alpha, beta, tuple(eff))
 
 
-def loopback_link() -> LinkSpec:
-    """Collectives between 2 gloo ranks on 127.0.0.1, fitted by fit_link."""
+def loopback_link(world: int = 2) -> LinkSpec:
+    """Collectives between `world` gloo ranks on 127.0.0.1, fitted by fit_link. With more
+    ranks than cores the fit includes the ranks competing for them, as a run of that many
+    ranks on this machine does."""
     import socket
 
     import torch.multiprocessing as mp
@@ -135,20 +140,23 @@ def loopback_link() -> LinkSpec:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_collective_worker, args=(r, 2, port, _LINK_CASES, q))
-        for r in range(2)
+        ctx.Process(target=_collective_worker, args=(r, world, port, _LINK_CASES, q))
+        for r in range(world)
     ]
     for p in procs:
         p.start()
     times = q.get(timeout=120)
     for p in procs:
         p.join(timeout=30)
-    return fit_link(_LINK_CASES, times)
+    return fit_link(_LINK_CASES, times, world)
 
 
-def calibrate(base: str | None, size: int, comm: bool) -> tuple[HardwareSpec, str]:
-    """A spec for this device, and a human-readable report of what was measured."""
-    cuda = torch.cuda.is_available()
+def calibrate(
+    base: str | None, size: int, comm: bool, device: str | None = None
+) -> tuple[HardwareSpec, str]:
+    """A spec for this device (`device`: "cuda" or "cpu", default: the GPU when there is
+    one), and a human-readable report of what was measured."""
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     device = "cuda" if cuda else "cpu"
     preset = get_spec(base or ("h100" if cuda else "cpu"))
     flops = {"float32": matmul_flops(size, torch.float32, device)}

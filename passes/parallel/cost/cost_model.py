@@ -187,6 +187,18 @@ class MeshModel:
         size = nbytes(t) if isinstance(t, TensorType) else 0.0
         return self.comm.edge_matrix(src_ids, dst_ids, dst_split, size, v.kind == "param")
 
+    @property
+    def zero_sync_factor(self) -> float:
+        """With ZeRO-1 the runtime reduces gradients as a reduce-scatter plus an all-gather
+        (runtime/distributed/optim.py), not one all-reduce: the same ring bytes, at those
+        kinds' bandwidths. The gradient reduction's per-byte time is multiplied by this."""
+        if not self.zero:
+            return 1.0
+        link = self.comm.links[0]
+        ar = link.bandwidth_for("all_reduce")
+        rs, ag = link.bandwidth_for("reduce_scatter"), link.bandwidth_for("all_gather")
+        return 0.5 * (ar / rs + ar / ag)
+
     def reshard_time(self, src: Placements, dst: Placements, nbytes: float) -> float:
         return self.comm.reshard_time(src, dst, nbytes)
 
@@ -395,19 +407,22 @@ class CommTable:
             self._pair[(a, b)] = hit
         return hit
 
-    def transition(
+    def transition_terms(
         self,
         src: Placements,
         dst: Placements,
         split: tuple[bool, ...],
         nbytes: float,
         is_param: bool,
-    ) -> tuple[float, float]:
-        """(seconds per micro-batch, seconds per step) to move a value from src to dst."""
+    ) -> tuple[float, float, float]:
+        """Moving a value from src to dst: (seconds per micro-batch, fixed seconds per step,
+        per-byte seconds per step). The per-step terms are the gradient reduction; its fixed
+        part (latency) is paid once per bucket of gradients, not once per parameter."""
         a, d = (int(x) for x in self.intern([src, dst]))
         mask = sum(1 << i for i, x in enumerate(split) if x)
         c = self._coefficients(a, d * self._nsplit + mask, is_param)
-        return c[0] + c[1] * nbytes if math.isfinite(c[0]) else math.inf, c[2] + c[3] * nbytes
+        per_mb = c[0] + c[1] * nbytes if math.isfinite(c[0]) else math.inf
+        return per_mb, c[2], c[3] * nbytes
 
     def reshard_time(self, src: Placements, dst: Placements, nbytes: float) -> float:
         """`collectives.resharding_cost_multi` with this mesh's links computed once."""

@@ -105,8 +105,10 @@ class PlannerState:
         dtype: str | None = None,
         pins: Mapping[str, tuple[str, ...]] | None = None,
         memory_budget: float | None = None,
+        zero: bool = True,
     ):
         self.graph, self.spec, self.batch, self.training = graph, spec, batch, training
+        self.zero = zero  # ZeRO-1 over dp when training (memory and gradient-sync costs)
         if memory_budget is not None and not memory_budget > 0:
             raise PlanningError(f"memory budget must be positive, got {memory_budget}")
         self.memory_budget = memory_budget
@@ -141,6 +143,7 @@ class PlannerState:
                 self.spec,
                 training=self.training,
                 dtype=self.dtype,
+                zero=self.zero,
                 comm=comm,
             )
             self._models[key] = m

@@ -145,7 +145,11 @@ class RawEdge:
 class SegmentCost:
     compute: float = 0.0  # seconds per micro-batch (forward + backward)
     comm: float = 0.0  # seconds per micro-batch
-    sync: float = 0.0  # seconds per step (gradient reduction)
+    sync: float = 0.0  # seconds per step (gradient reduction): the per-byte part
+    # The fixed (latency) part of the segment's gradient reductions, the largest one: the
+    # runtime buckets a stage's gradients into one collective per set of axes, so a stage
+    # pays it once, not once per parameter (staging.eval_stage takes the max).
+    sync_fixed: float = 0.0
     weight_memory: float = 0.0  # bytes per device
     activation_memory: float = 0.0  # bytes per device per micro-batch in flight
     boundary_bytes: float = 0.0  # bytes per device handed to the next layer (rep only)
@@ -346,12 +350,13 @@ def assignment_segments(
             src_pl = assign[src]
         dst = assign[n]
         size = nbytes(model.types.get(v))
-        per_mb, per_step = model.comm.transition(
+        per_mb, step_fixed, step_bytes = model.comm.transition_terms(
             src_pl, dst.ins[i], dst.split_axes(), size, v.kind == "param"
         )
         sc = seg("pre" if kind == "pre_rep" else ctx.segment[n])
         sc.comm += per_mb
-        sc.sync += per_step
+        sc.sync += step_bytes * (model.zero_sync_factor if v.kind == "param" else 1.0)
+        sc.sync_fixed = max(sc.sync_fixed, step_fixed)
     for name, outs in ctx.seg_outputs.items():
         sc = seg(name)
         for v in outs:

@@ -208,15 +208,16 @@ def megatron_plan(
     batch: int | None = None,
     training: bool = False,
     spec: HardwareSpec | str = "h100",
+    zero: bool = True,
 ) -> Plan:
     """A Plan with the Megatron layout on a (dp, tp) stage mesh and pp uniform stages.
 
     `batch` defaults to the batch the graph was traced at; each micro-batch has
-    batch / micro_batches samples, split over dp.
+    batch / micro_batches samples, split over dp. `zero`: ZeRO-1 over dp when training.
     """
     spec = get_spec(spec)
     ctx_batch = batch
-    state = PlannerState(graph, spec, batch=1, training=training)
+    state = PlannerState(graph, spec, batch=1, training=training, zero=zero)
     state.batch = ctx_batch or state.ctx.batch.traced_batch
     if state.batch % micro_batches:
         raise PlanningError(

@@ -155,7 +155,7 @@ def build_plan(
         stages=stages,
         micro_batches=cfg.micro_batches,
         schedule=ev.schedule,
-        zero=state.training and cfg.mesh.shape[0] > 1,
+        zero=state.training and state.zero and cfg.mesh.shape[0] > 1,
         training=state.training,
         collectives=collective_records(state, cfg, assign, ev),
         estimate=_estimate(ev),

@@ -9,7 +9,8 @@ turns layer cuts into the step estimate both the search and the Megatron grid re
 
 with t_i stage i's forward + backward time per micro-batch (compute, intra-stage collectives,
 and the point-to-point transfers to its neighbours), B micro-batches, and sync_i its gradient
-reduction once per step. Memory per device of stage i is its weights (+ grads and optimizer
+reduction once per step (bucketed, as the runtime does it: the bytes of every parameter, the
+latency once). Memory per device of stage i is its weights (+ grads and optimizer
 states) plus the activations of the micro-batches in flight (1F1B: min(B, S - i)); with
 recomputation only each layer's input stays per micro-batch, plus one layer's activations.
 Per stage, recomputation is switched on only when the stage does not fit without it.
@@ -39,7 +40,8 @@ class UnitTable:
     compute: np.ndarray  # seconds per micro-batch, no recomputation
     compute_rc: np.ndarray  # with recomputation
     comm: np.ndarray
-    sync: np.ndarray  # seconds per step
+    sync: np.ndarray  # seconds per step, per-byte part
+    sync_fixed: np.ndarray  # seconds per step, latency part (a stage pays its max once)
     wmem: np.ndarray
     act: np.ndarray  # saved bytes per micro-batch
     boundary: np.ndarray  # bytes handed to the next unit per micro-batch
@@ -87,6 +89,7 @@ def unit_table(
         col(lambda r: r.compute * rc),
         col(lambda r: r.comm),
         col(lambda r: r.sync),
+        col(lambda r: r.sync_fixed),
         col(lambda r: r.weight_memory),
         col(lambda r: r.activation_memory),
         col(lambda r: r.boundary_bytes),
@@ -136,6 +139,7 @@ def eval_stage(
     if not first and u.training:
         comm += transfer_time(prev or u, u, k - 1)
     sync = float(u.sync[k:e].sum()) + sum(s.sync for s in ends)
+    sync += max([float(u.sync_fixed[k:e].max(initial=0.0))] + [s.sync_fixed for s in ends])
     wmem = float(u.wmem[k:e].sum()) + sum(s.weight_memory for s in ends)
     end_act = sum(s.activation_memory for s in ends)
     if not u.training:
