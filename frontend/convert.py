@@ -204,3 +204,59 @@ class _Converter:
 def convert(ep: torch.export.ExportedProgram, *, eager_fallback: bool = True,
             name: str = "graph") -> Graph:
     return _Converter(ep, eager_fallback, name).run()
+
+
+class _ModuleConverter(_Converter):
+    """A plain fx GraphModule (AOTAutograd's forward or backward graph): every placeholder is
+    an input of the call (`targets` names what each one is, e.g. a parameter's fqn); outputs
+    that are None (no gradient for that input) are left out and listed in meta["none_outputs"].
+    """
+
+    def __init__(self, gm: fx.GraphModule, targets: list[str], eager_fallback: bool, name: str,
+                 rename: dict[str, str]):
+        super().__init__(None, eager_fallback, name)
+        self.gm, self.targets, self.rename = gm, targets, rename
+
+    def run(self) -> Graph:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        names: set[str] = set()
+        for i, node in enumerate(placeholders):
+            target = self.targets[i] if i < len(self.targets) else node.name
+            name = self.rename.get(node.name, node.name)
+            while name in names:  # one value the forward saved twice (after CSE)
+                name += "_"
+            names.add(name)
+            v = Value(name, _value_type(node.meta.get("val")), None, "user", target)
+            self.graph.inputs.append(v)
+            self.env[node] = v
+        taken = {v.name for v in self.graph.inputs}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function":
+                before = len(self.graph.nodes)
+                self._call(node)
+                # a renamed input may take a name fx gave a node here: the node's value yields
+                for n in self.graph.nodes[before:]:
+                    for v in n.outputs:
+                        while v.name in taken:
+                            v.name += "_"
+                        taken.add(v.name)
+            elif node.op == "output":
+                outs = node.args[0]
+                none = [i for i, a in enumerate(outs) if a is None]
+                for i, a in enumerate(outs):
+                    if a is not None:
+                        self.graph.outputs.append(
+                            self.env[a] if isinstance(a, fx.Node) else self._constant_output(a, i)
+                        )
+                self.graph.meta["none_outputs"] = none
+            elif node.op != "placeholder":
+                raise FrontendError(f"unexpected fx node kind {node.op} ({node.format_node()})")
+        return self.graph
+
+
+def convert_module(gm: fx.GraphModule, targets: list[str] | None = None, *,
+                   eager_fallback: bool = True, name: str = "graph",
+                   rename: dict[str, str] | None = None) -> Graph:
+    """An fx GraphModule whose placeholders are all call inputs, as an IR Graph. `targets`
+    names what the first placeholders are; `rename` maps placeholder names to value names."""
+    return _ModuleConverter(gm, list(targets or []), eager_fallback, name, rename or {}).run()

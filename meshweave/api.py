@@ -61,7 +61,8 @@ def compile(
         from meshweave.codegen import prepare_triton_backend
 
         prepare_triton_backend(options, model)
-    ep = export_model(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=options.strict)
+    ep = traced = export_model(model, args, kwargs, dynamic_shapes=dynamic_shapes,
+                               strict=options.strict)
     if options.decompose:
         ep = decompose(ep)
     name = type(model).__name__
@@ -72,9 +73,52 @@ def compile(
     cm = CompiledModel(optimized, _signature(ep, graph), ep.call_spec.out_spec, options, graph,
                        name)
     _attach_backend(cm, options)
+    if options.training:
+        _attach_training(cm, model, traced, args, kwargs, options)
     if dump_dir:
         cm.dump(dump_dir)
     return cm
+
+
+def _attach_training(cm, model, ep, args, kwargs, options) -> None:
+    """The joint forward + backward (frontend/joint.py) of the trace `ep` as exported (AOTAutograd
+    differentiates the ATen ops itself): calls with grad enabled run it."""
+    from meshweave.frontend.joint import build_joint
+    from meshweave.ir.errors import MeshweaveError
+
+    trainable = [n for n, p in model.named_parameters()
+                 if p.requires_grad and p.dtype.is_floating_point]
+    if not trainable:
+        raise MeshweaveError(
+            f"CompileOptions(training=True): {type(model).__name__} has no floating-point "
+            f"parameter that requires grad, so there is nothing to train; compile it with "
+            f"training=False"
+        )
+    passes = _select_passes(options.passes)
+
+    def optimize(g):
+        return run_pipeline(g, passes, verify_each=options.verify)
+
+    leaves = cm.signature.flatten(args, dict(kwargs or {}))
+    kw = {"make_runner": _triton_runner(options)} if cm.backend == "triton" else {}
+    cm.joint = build_joint(ep, leaves, cm.model_name, eager_fallback=options.eager_fallback,
+                           optimize=optimize, **kw)
+
+
+def _triton_runner(options):
+    """The Triton backend for one graph of the training step (forward or backward)."""
+    from types import SimpleNamespace
+
+    from meshweave.codegen import attach_triton_backend
+
+    def make(graph):
+        holder = SimpleNamespace(graph=graph, options=options, artifacts={}, kernels=[],
+                                 _runner=None)
+        attach_triton_backend(holder)
+        graph.meta["kernels"] = holder.artifacts["kernels"]
+        return holder._runner
+
+    return make
 
 
 def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:

@@ -64,7 +64,11 @@ def compile_zoo_model(args) -> object:
 
     _, model, inputs = load_model(args.model, args.batch, args.seq,
                                   num_layers=getattr(args, "num_layers", None))
-    opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None))
+    training = bool(getattr(args, "train", False))
+    if training:
+        model.train()
+    opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None),
+                                    training=training)
     with step(f"compiling {args.model}"):
         cm = meshweave.compile(model, inputs, options=opts)
     return model, inputs, cm
@@ -114,6 +118,9 @@ def _setup_dump(p):
     p.add_argument("--mesh", default=None, help="device mesh for --rank, e.g. 'tp=2' or 'pp=2'")
     p.add_argument("--plan-file", default=None, metavar="FILE",
                    help="--what plan / rank:N of this Plan JSON instead of one made for --mesh")
+    p.add_argument("--train", action="store_true",
+                   help="--what ir: compile the training step and print the forward and the "
+                        "backward graph")
 
 
 DUMPERS: dict[str, Callable] = {}
@@ -129,7 +136,8 @@ def dumper(name: str):
 
 @dumper("ir")
 def _dump_ir(args) -> str:
-    return str(compile_zoo_model(args)[2].graph)
+    cm = compile_zoo_model(args)[2]
+    return cm.joint.describe() if cm.joint is not None else str(cm.graph)
 
 
 @dumper("kernels")

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 
 from meshweave.ir.graph import Graph
@@ -37,6 +38,7 @@ class CompiledModel:
         self._runner: Callable[[list[Any]], list[Any]] = self._run_reference
         self.artifacts: dict[str, Any] = {}
         self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
+        self.joint = None  # CompileOptions(training=True): frontend.joint.JointProgram
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -44,9 +46,22 @@ class CompiledModel:
             leaves = self.signature.flatten(args, kwargs)
         else:
             leaves = pytree.tree_flatten((args, kwargs))[0]
+        if self.joint is not None and torch.is_grad_enabled():
+            # the training step: differentiable, the backward IR runs on .backward()
+            return pytree.tree_unflatten(list(self.joint.fn(*leaves)), self.out_spec)
         outs = self._runner(leaves)
         outs = self._apply_mutations(outs, leaves)
         return pytree.tree_unflatten(outs, self.out_spec)
+
+    @property
+    def forward_graph(self):
+        """Training: the forward IR (user outputs, then the values saved for backward)."""
+        return self.joint.forward if self.joint is not None else None
+
+    @property
+    def backward_graph(self):
+        """Training: the backward IR (saved values and output gradients -> input gradients)."""
+        return self.joint.backward if self.joint is not None else None
 
     def _run_reference(self, leaves: list[Any]) -> list[Any]:
         return run_graph(self.graph, leaves)
@@ -101,6 +116,16 @@ class CompiledModel:
             lines.append("  eager fallback: none")
         flops, moved = _total_cost(g)
         lines.append(f"  estimated FLOPs per call: {flops:,}; bytes moved (unfused): {moved:,}")
+        if self.joint is not None:
+            j = self.joint
+            bw_fallback = sum(1 for n in j.backward.nodes if n.attrs.get("fallback"))
+            lines.append(
+                f"  training (AOTAutograd joint trace): forward {len(j.forward.nodes)} nodes, "
+                f"backward {len(j.backward.nodes)} nodes ({bw_fallback} through the eager "
+                f"fallback), {len(j.saved)} values saved for backward; both run on the "
+                f"{'generated Triton modules' if self.backend == 'triton' else 'reference executor'}"
+                f" (calls under torch.no_grad() run the inference program)"
+            )
         for name, art in self.artifacts.items():
             summary = getattr(art, "summary", None)
             if callable(summary):

@@ -1,0 +1,180 @@
+"""Training: the joint forward + backward of a traced model, as two meshweave IR graphs.
+
+    joint = build_joint(ep, name, eager_fallback=True, optimize=run_pipeline_fn)
+    joint.forward    # IR: parameters, buffers, user inputs -> user outputs, then saved values
+    joint.backward   # IR: saved values, then output gradients -> gradients of the inputs
+    joint.fn(*user_leaves)   # differentiable: outputs carry grad_fn
+
+Method: torch's AOTAutograd joint trace, converted to IR, rather than per-op VJP rules in the
+op registry. AOTAutograd already differentiates every ATen op (torch's derivatives.yaml,
+including the fused attention, norm and embedding backwards), functionalizes mutations (a
+BatchNorm's running statistics) and aliasing, and partitions the joint graph into a forward and
+a backward with the values saved between them made explicit: the forward's extra outputs, the
+backward's first inputs. Re-deriving those formulas as registry rules would duplicate torch's
+and drift from it; the partition is what the rematerialization pass will choose instead.
+
+No decomposition table is passed: torch.export's Core ATen table, given to AOTAutograd,
+changes gpt-tiny's gradients by up to 4e-2 (torch 2.13; the same trace without it is exact),
+so the joint graphs keep the ATen ops autograd records (native_layer_norm_backward and the
+like run through the registry's eager fallback).
+
+The trace runs the exported module through fx.Interpreter with node metadata preserved, so
+each forward node keeps the user's source line and each backward node carries the source line
+of the forward node it differentiates. Both graphs are converted to IR, optimized by the
+compiler's pass pipeline and verified, and run by the backend: the reference executor, or
+the Triton backend's generated module (ops without a kernel, such as the attention backward,
+run through torch inside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch import fx
+
+from ..ir.errors import FrontendError
+from ..ir.graph import Graph
+from ..runtime.reference import run_graph
+from .convert import convert_module
+
+
+@dataclasses.dataclass
+class JointProgram:
+    graphs: dict[str, Graph]  # "forward" and "backward"
+    fn: Callable[..., list[Any]]
+
+    @property
+    def num_outputs(self) -> int:
+        """Forward outputs before the saved values: updated buffers (BatchNorm statistics),
+        then the user's outputs."""
+        return len(self.forward.outputs) - self.forward.meta["num_saved"]
+
+    @property
+    def forward(self) -> Graph:
+        return self.graphs["forward"]
+
+    @property
+    def backward(self) -> Graph:
+        return self.graphs["backward"]
+
+    def describe(self) -> str:
+        """Both graphs, with the saved-for-backward boundary between them spelled out."""
+        saved = ", ".join(f"%{n}" for n in self.saved)
+        return (
+            f"{self.forward}\n"
+            f"# saved for backward ({len(self.saved)} values, the forward's outputs after the "
+            f"first {self.num_outputs}): {saved}\n"
+            f"# the backward takes them, then one gradient per forward output\n\n"
+            f"{self.backward}"
+        )
+
+    @property
+    def saved(self) -> list[str]:
+        """Names of the forward values the backward reads (the saved-for-backward boundary)."""
+        return [v.name for v in self.forward.outputs[self.num_outputs:]]
+
+
+class _FlatOutputs(torch.nn.Module):
+    """The exported module, run node by node (so metadata follows), returning a flat tuple."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__()
+        self.m = module
+
+    def forward(self, *leaves):
+        return tuple(pytree.tree_leaves(fx.Interpreter(self.m).run(*leaves)))
+
+
+def reference_runner(graph: Graph) -> Callable[[list[Any]], list[Any]]:
+    """The reference executor over a graph whose inputs are all call arguments."""
+    return lambda args: run_graph(graph, args)
+
+
+def _boxed(graph: Graph, run_graph_fn: Callable[[list[Any]], list[Any]]) -> Callable:
+    none = graph.meta.get("none_outputs") or []
+
+    def run(args: list[Any]) -> list[Any]:
+        outs = list(run_graph_fn(list(args)))
+        args.clear()  # the boxed convention: the callee frees its inputs
+        for i in none:
+            outs.insert(i, None)
+        return outs
+
+    run._boxed_call = True  # AOTAutograd calls it with one list of arguments
+    return run
+
+
+def build_joint(
+    ep: torch.export.ExportedProgram,
+    example_leaves: list[Any],
+    name: str,
+    *,
+    eager_fallback: bool,
+    optimize: Callable[[Graph], Graph],
+    make_runner: Callable[[Graph], Callable[[list[Any]], list[Any]]] = reference_runner,
+) -> JointProgram:
+    """`make_runner(graph)` builds what executes each optimized graph (default: the reference
+    executor; meshweave.compile passes the Triton backend's for backend="triton")."""
+    from torch._functorch import config as aot_config
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    flat = _FlatOutputs(ep.module())
+    state = [n[2:] for n, _ in flat.named_parameters(remove_duplicate=False)]
+    state += [n[2:] for n, _ in flat.named_buffers(remove_duplicate=False)]
+    graphs: dict[str, Graph] = {}
+    # AOTAutograd names the lifted parameters primals_1..; the IR names them after the module's
+    # parameters (p_blocks_0_attn_qkv_weight), in both graphs, as torch.export does
+    rename = {f"primals_{i + 1}": "p_" + fqn.replace(".", "_") for i, fqn in enumerate(state)}
+    rename_forward = dict(rename)
+
+    def compile_graph(kind: str, gm: fx.GraphModule, targets: list[str]) -> Callable:
+        names = rename_forward if kind == "forward" else rename
+        # AOTAutograd calls compilers under its fake-tensor mode; passes that evaluate (constant
+        # folding) must see real tensors.
+        with unset_fake_temporarily():
+            g = convert_module(gm, targets, eager_fallback=eager_fallback, name=f"{name}_{kind}",
+                               rename=names)
+            graphs[kind] = g = optimize(g)
+            return _boxed(g, make_runner(g))
+
+    def compile_forward(gm: fx.GraphModule, _example) -> Callable:
+        return compile_graph("forward", gm, state)
+
+    def compile_backward(gm: fx.GraphModule, _example) -> Callable:
+        # The backward's inputs are the saved values (the forward's last outputs, in order),
+        # then one gradient per differentiable output (tangents_k); the IR gives the saved ones
+        # the forward's names, so the boundary reads the same on both sides.
+        inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        saved = [n for n in inputs if not n.startswith("tangents")]
+        fw = graphs["forward"]
+        fw.meta["num_saved"] = len(saved)
+        names = [v.name for v in fw.outputs[len(fw.outputs) - len(saved):]]
+        rename.update(zip(saved, names))
+        return compile_graph("backward", gm, [])
+
+    try:
+        # the backward is compiled now, not at the first backward(), so cm.backward_graph
+        # prints and dumps right after compile()
+        lowering = aot_config.patch(force_non_lazy_backward_lowering=True)
+        with fx_traceback.preserve_node_meta(), lowering:
+            fn = aot_module_simplified(
+                flat,
+                list(example_leaves),
+                fw_compiler=compile_forward,
+                bw_compiler=compile_backward,
+                partition_fn=default_partition,
+            )
+    except FrontendError:
+        raise
+    except Exception as e:
+        raise FrontendError(
+            f"AOTAutograd could not trace the training step of {name}: {type(e).__name__}: {e}"
+        ) from e
+    return JointProgram(graphs, fn)
