@@ -38,11 +38,13 @@ from meshweave.ir.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from meshweave.ir.mesh import DeviceMesh
 from meshweave.options import CompileOptions, options_override
 
 __all__ = [
     "CompileOptions",
     "CompiledModel",
+    "DeviceMesh",
     "FrontendError",
     "MeshweaveError",
     "UnsupportedOpError",

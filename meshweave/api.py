@@ -75,9 +75,40 @@ def compile(
     _attach_backend(cm, options)
     if options.training:
         _attach_training(cm, model, traced, args, kwargs, options)
+    if options.mesh is not None:
+        cm.plan = plan_for(cm.graph, options.mesh, training=options.training,
+                           hardware=options.hardware or "h100")
     if dump_dir:
         cm.dump(dump_dir)
     return cm
+
+
+MEGATRON_AXES = ("dp", "tp", "pp")
+
+
+def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
+             hardware: str = "h100", micro_batches: int = 1):
+    """The Plan of `graph` on `mesh` (a DeviceMesh): a mesh named only by dp/tp/pp axes gets
+    that Megatron layout; any other mesh (or a device count) goes to the planner's search.
+    `batch` defaults to the batch the graph was traced at."""
+    from meshweave.ir.mesh import DeviceMesh
+
+    if not isinstance(mesh, (DeviceMesh, int)):
+        raise TypeError(f"CompileOptions.mesh: expected a meshweave.DeviceMesh (or a device "
+                        f"count), got {type(mesh).__name__}: {mesh!r}")
+    if isinstance(mesh, DeviceMesh) and mesh.axis_names is not None \
+            and set(mesh.names) <= set(MEGATRON_AXES):
+        from meshweave.passes.parallel.search.megatron_grid import megatron_plan
+
+        sizes = {n: mesh.axis_size(n) for n in mesh.names}
+        return megatron_plan(graph, sizes.get("dp", 1), sizes.get("tp", 1), sizes.get("pp", 1),
+                             micro_batches=micro_batches, batch=batch, training=training,
+                             spec=hardware)
+    from meshweave.passes.parallel.search.search import plan_parallel
+    from meshweave.passes.parallel.strategies.node_strategies import infer_batch_dims
+
+    batch = batch or infer_batch_dims(graph).traced_batch
+    return plan_parallel(graph, mesh, hardware, batch=batch, training=training)
 
 
 def _attach_training(cm, model, ep, args, kwargs, options) -> None:

@@ -15,7 +15,6 @@ import os
 
 from meshweave.cli import CLIError, _add_model_args, command, compile_zoo_model, dumper
 
-MEGATRON_AXES = ("dp", "tp", "pp")
 
 
 def plan_for_mesh(
@@ -34,24 +33,11 @@ def plan_for_mesh(
         mesh = DeviceMesh.parse(mesh_text)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    names = mesh.names
     try:
-        if mesh.axis_names is not None and set(names) <= set(MEGATRON_AXES):
-            from meshweave.passes.parallel.search.megatron_grid import megatron_plan
+        from meshweave.api import plan_for
 
-            sizes = {n: mesh.axis_size(n) for n in names}
-            return megatron_plan(
-                graph,
-                sizes.get("dp", 1),
-                sizes.get("tp", 1),
-                sizes.get("pp", 1),
-                micro_batches=micro_batches,
-                training=training,
-                spec=hardware,
-            )
-        from meshweave.passes.parallel.search.search import plan_parallel
-
-        return plan_parallel(graph, mesh, hardware, batch=batch, training=training)
+        return plan_for(graph, mesh, micro_batches=micro_batches, training=training,
+                        batch=batch, hardware=hardware)
     except ImportError as e:
         raise CLIError(f"parallel planning is not available in this build ({e})") from None
 

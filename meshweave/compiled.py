@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from meshweave.ir.errors import MeshweaveError
 from meshweave.ir.graph import Graph
 from meshweave.ir.printer import print_graph
 from meshweave.options import CompileOptions
@@ -39,9 +40,12 @@ class CompiledModel:
         self.artifacts: dict[str, Any] = {}
         self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
         self.joint = None  # CompileOptions(training=True): frontend.joint.JointProgram
+        self.plan = None  # CompileOptions(mesh=...): the parallel Plan
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.plan is not None and self.plan.world_size > 1:
+            self._refuse_partitioned_call()
         if self.options.check_inputs:
             leaves = self.signature.flatten(args, kwargs)
         else:
@@ -52,6 +56,38 @@ class CompiledModel:
         outs = self._runner(leaves)
         outs = self._apply_mutations(outs, leaves)
         return pytree.tree_unflatten(outs, self.out_spec)
+
+    def _refuse_partitioned_call(self) -> None:
+        import torch.distributed as dist
+
+        n, mesh = self.plan.world_size, self.plan.mesh
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MeshweaveError(
+                f"{self.model_name} was compiled with mesh={mesh} ({n} devices): calling it "
+                f"runs one rank's program, under a process group of {n} ranks. Run the script "
+                f"with `torchrun --nproc-per-node {n} script.py` (gloo on the CPU, NCCL on "
+                f"GPUs); without one, cm.plan, cm.report(path) and cm.export_onnx(dir) work, "
+                f"and compile() without mesh= runs on one device"
+            )
+        if dist.get_world_size() != n:
+            raise MeshweaveError(
+                f"{self.model_name} was planned for {n} devices (mesh={mesh}), but the process "
+                f"group has {dist.get_world_size()} ranks: start {n} ranks, or compile with a "
+                f"mesh of {dist.get_world_size()} devices"
+            )
+        raise MeshweaveError(
+            f"running a planned CompiledModel on its {n} ranks through compile() is not built "
+            f"yet; `meshweave run --model NAME --plan-file plan.json` runs a saved plan"
+        )
+
+    def report(self, path: str, **kwargs: Any) -> str:
+        """Write the HTML report of the plan (CompileOptions(mesh=...)) to `path`."""
+        from meshweave.report import write_report
+
+        if self.plan is None:
+            raise MeshweaveError("cm.report: this model was compiled without mesh=, so there "
+                                 "is no plan to report; pass CompileOptions(mesh=...)")
+        return write_report(path, self.plan, self.graph, **kwargs)
 
     @property
     def forward_graph(self):
@@ -153,10 +189,13 @@ class CompiledModel:
     def export_onnx(self, directory: str, inputs=None, **kwargs: Any):
         """Export the optimized graph as ONNX (opset 18), checked and run in onnxruntime.
 
-        With plan=<Plan>, writes one file per rank segment plus manifest.json.
+        With plan=<Plan> (default: cm.plan, from CompileOptions(mesh=...)), writes one file per
+        rank segment plus manifest.json.
         """
         from meshweave.codegen.onnx.export import export_onnx
 
+        if self.plan is not None:
+            kwargs.setdefault("plan", self.plan)
         return export_onnx(self, directory, inputs, **kwargs)
 
     def __repr__(self) -> str:

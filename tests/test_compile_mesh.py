@@ -1,0 +1,82 @@
+"""compile(mesh=...): the plan is made by the same code as the CLI's, and without a process
+group the model plans, reports and exports; calling it says how to start the ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from meshweave.cli_artifacts import plan_for_mesh
+from meshweave.ir.errors import MeshweaveError
+from meshweave.models import build_model
+
+import meshweave
+
+MESH = meshweave.DeviceMesh((2, 2), ("dp", "tp"))
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model, inputs = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model.eval(), inputs, options=meshweave.CompileOptions(mesh=MESH))
+    return cm, inputs
+
+
+def test_the_plan_is_the_clis_plan(planned):
+    cm, _ = planned
+    assert cm.plan.world_size == 4 and cm.plan.mesh.shape == (2, 2)
+    cli = plan_for_mesh(cm.graph, "dp=2,tp=2", batch=2)
+    assert cm.plan.placements == cli.placements and cm.plan.to_json() == cli.to_json()
+
+
+def test_report_and_per_rank_export_without_a_process_group(planned, tmp_path):
+    cm, inputs = planned
+    path = cm.report(str(tmp_path / "plan.html"))
+    assert "<svg" in open(path, encoding="utf-8").read()
+    result = cm.export_onnx(str(tmp_path / "onnx"), list(inputs))  # checked in onnxruntime
+    manifest = json.load(open(os.path.join(str(tmp_path / "onnx"), "manifest.json")))
+    assert manifest["world_size"] == 4 and len(manifest["ranks"]) == 4
+    assert result.max_error is not None and result.max_error < 1e-4
+
+
+def test_calling_without_a_process_group_shows_the_torchrun_command(planned):
+    cm, inputs = planned
+    with pytest.raises(MeshweaveError, match=r"torchrun --nproc-per-node 4 script\.py"):
+        cm(*inputs)
+
+
+def test_a_process_group_of_the_wrong_size_is_named(planned):
+    cm, inputs = planned
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(MeshweaveError, match="planned for 4 devices.*has 1 ranks"):
+            cm(*inputs)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_device_count_goes_to_the_search():
+    model, inputs = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model.eval(), inputs, options=meshweave.CompileOptions(mesh=2))
+    assert cm.plan.world_size == 2 and "grid_best" in cm.plan.search  # the search ran
+
+
+def test_bad_meshes_are_clear_errors():
+    with pytest.raises(ValueError, match="duplicate axis names"):
+        meshweave.DeviceMesh((2, 2), ("dp", "dp"))
+    model, inputs = build_model("gpt-tiny", batch=2, seq=8)
+    with pytest.raises(TypeError, match="expected a meshweave.DeviceMesh"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(mesh="2x2"))
+    with torch.no_grad():
+        cm = meshweave.compile(model, inputs)
+    assert cm.plan is None
+    with pytest.raises(MeshweaveError, match="compiled without mesh="):
+        cm.report("x.html")
