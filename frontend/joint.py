@@ -28,6 +28,7 @@ run through torch inside it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +53,7 @@ class JointProgram:
     def num_outputs(self) -> int:
         """Forward outputs before the saved values: updated buffers (BatchNorm statistics),
         then the user's outputs."""
-        return len(self.forward.outputs) - self.forward.meta["num_saved"]
+        return len(self.forward.outputs) - self.forward.meta.get("num_saved", 0)
 
     @property
     def forward(self) -> Graph:
@@ -60,6 +61,9 @@ class JointProgram:
 
     @property
     def backward(self) -> Graph:
+        if "backward" not in self.graphs:  # a torch without force_non_lazy_backward_lowering
+            raise FrontendError("the backward graph is compiled at the first backward() with "
+                                "this torch version; call loss.backward() once first")
         return self.graphs["backward"]
 
     def describe(self) -> str:
@@ -162,7 +166,9 @@ def build_joint(
     try:
         # the backward is compiled now, not at the first backward(), so cm.backward_graph
         # prints and dumps right after compile()
-        lowering = aot_config.patch(force_non_lazy_backward_lowering=True)
+        lowering = (aot_config.patch(force_non_lazy_backward_lowering=True)
+                    if hasattr(aot_config, "force_non_lazy_backward_lowering")
+                    else contextlib.nullcontext())
         with fx_traceback.preserve_node_meta(), lowering:
             fn = aot_module_simplified(
                 flat,
