@@ -22,9 +22,12 @@ class CompileOptions:
     dump_dir: write the IR after every pass here (also MESHWEAVE_DUMP_DIR).
     verify: run the IR verifier after every pass.
     check_inputs: validate call arguments against the traced signature.
-    mesh: a meshweave.DeviceMesh to plan for (parallel planning issue).
-    hardware: hardware spec name or path used by cost models.
-    training: plan/compile a training step rather than inference.
+    mesh: a meshweave.DeviceMesh (or a device count) to plan for: cm.plan, cm.report(path),
+        per-rank cm.export_onnx(dir); dp/tp/pp-named axes give that Megatron layout, others
+        the planner's search (meshweave.api.plan_for).
+    hardware: hardware spec name or path used by cost models (default h100).
+    training: compile the training step too: forward and backward IR from AOTAutograd's joint
+        trace (frontend/joint.py); calls with grad enabled are differentiable.
     cuda_graphs: with backend "triton" on CUDA, capture the generated module's launches in a
         CUDA graph per input signature and replay it (like torch.compile's reduce-overhead
         mode, but outputs are fresh tensors); see codegen/triton/cuda_graphs.py. None (the default)
