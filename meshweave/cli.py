@@ -7,6 +7,7 @@ Errors that come from bad input print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -50,8 +51,34 @@ def load_model(name: str, batch: int, seq: int, device: str = "cpu",
         raise CLIError(str(e).strip("'\"")) from None
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from None
+    if device == "cpu":
+        preflight(name, spec)
     model = spec.build(device=device)
     return spec, model.eval(), spec.example_inputs(batch=batch, seq=seq, device=device)
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable; total memory where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preflight(name: str, spec) -> None:
+    """Before the weights are built: their bytes (counted on the meta device, fp32) against
+    the memory available. Too big is one line and exit 2, with the command that works."""
+    need = spec.param_count() * 4
+    have = available_memory()
+    if need > have * 0.9:
+        raise CLIError(
+            f"{name} needs at least {need / 2**30:.1f} GiB for its fp32 weights alone, and "
+            f"{have / 2**30:.1f} GiB is available: plan it on the meta device instead, e.g. "
+            f"`meshweave plan --model {name} --mesh 64`")
 
 
 # `meshweave compile` fails above this max |meshweave - eager| (fp32 on the CPU is ~1e-6).

@@ -48,3 +48,18 @@ def test_export_check_fails_on_a_wrong_onnxruntime_output(mesh, monkeypatch, tmp
     monkeypatch.setattr(export, "run_manifest", lambda d, x: [o + 1e-2 for o in real(d, x)])
     assert main(argv) == 2
     assert "differs from the reference by up to 1.000e-02" in capsys.readouterr().err
+
+
+def test_a_model_too_big_for_this_machine_is_one_line_before_any_allocation(capsys):
+    """The memory preflight: llama-70b's fp32 weights (263 GiB, counted on the meta device)
+    against the memory available: one line, exit 2, and the command that works instead."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["compile", "--model", "llama-70b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "llama-70b needs at least 262.8 GiB for its fp32 weights alone" in err, err
+    assert "`meshweave plan --model llama-70b --mesh 64`" in err, err
+    # nothing was materialized: the peak resident size grew by far less than one layer's weights
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 2**20  # KiB
