@@ -77,7 +77,8 @@ def compile(
         _attach_training(cm, model, traced, args, kwargs, options)
     if options.mesh is not None:
         cm.plan = plan_for(cm.graph, options.mesh, training=options.training,
-                           hardware=options.hardware or "h100")
+                           hardware=options.hardware or "h100",
+                           micro_batches=options.micro_batches)
     if dump_dir:
         cm.dump(dump_dir)
     return cm

@@ -41,15 +41,16 @@ class CompiledModel:
         self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
         self.joint = None  # CompileOptions(training=True): frontend.joint.JointProgram
         self.plan = None  # CompileOptions(mesh=...): the parallel Plan
+        self._rank = None  # under the plan's process group: runtime.distributed RankModule
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.plan is not None and self.plan.world_size > 1:
-            self._refuse_partitioned_call()
         if self.options.check_inputs:
             leaves = self.signature.flatten(args, kwargs)
         else:
             leaves = pytree.tree_flatten((args, kwargs))[0]
+        if self.plan is not None and self.plan.world_size > 1:
+            return pytree.tree_unflatten(self._rank_module(leaves)(leaves), self.out_spec)
         if self.joint is not None and torch.is_grad_enabled():
             # the training step: differentiable, the backward IR runs on .backward()
             return pytree.tree_unflatten(list(self.joint.fn(*leaves)), self.out_spec)
@@ -57,7 +58,9 @@ class CompiledModel:
         outs = self._apply_mutations(outs, leaves)
         return pytree.tree_unflatten(outs, self.out_spec)
 
-    def _refuse_partitioned_call(self) -> None:
+    def _rank_module(self, leaves: list[Any]):
+        """This rank's program of the plan (runtime/distributed/module.py), built at the first
+        call under a process group of the plan's size; a clear error otherwise."""
         import torch.distributed as dist
 
         n, mesh = self.plan.world_size, self.plan.mesh
@@ -75,10 +78,41 @@ class CompiledModel:
                 f"group has {dist.get_world_size()} ranks: start {n} ranks, or compile with a "
                 f"mesh of {dist.get_world_size()} devices"
             )
-        raise MeshweaveError(
-            f"running a planned CompiledModel on its {n} ranks through compile() is not built "
-            f"yet; `meshweave run --model NAME --plan-file plan.json` runs a saved plan"
-        )
+        if self._rank is None:
+            from meshweave.runtime.distributed.module import RankModule
+
+            tensors = [*(x for x in leaves if isinstance(x, torch.Tensor)),
+                       *self.graph.tensors.values()]
+            device = next((t.device for t in tensors if t.device.type == "cuda"), "cpu")
+            self._rank = RankModule(self.graph, self.plan, training=self.options.training,
+                                    device=device)
+        return self._rank
+
+    # --- parameters ----------------------------------------------------------------------------
+    def named_parameters(self):
+        """(fully qualified name, tensor): with a plan, under its process group, this rank's
+        shards (for the optimizer); otherwise the model's own parameters."""
+        if self.plan is not None and self.plan.world_size > 1:
+            yield from self._rank_module([]).named_parameters()
+            return
+        seen = set()
+        for v in self.graph.inputs:
+            t = self.graph.tensors.get(v.name)
+            if v.kind == "param" and t is not None and id(t) not in seen:
+                seen.add(id(t))
+                yield v.target, t
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded tensors keyed like model.state_dict() (with a plan: gathered from
+        every rank's shards, a collective that every rank calls)."""
+        if self.plan is not None and self.plan.world_size > 1:
+            return self._rank_module([]).state_dict()
+        return {v.target: self.graph.tensors[v.name].detach().clone() for v in self.graph.inputs
+                if v.kind in ("param", "buffer") and v.name in self.graph.tensors and v.target}
 
     def report(self, path: str, **kwargs: Any) -> str:
         """Write the HTML report of the plan (CompileOptions(mesh=...)) to `path`."""

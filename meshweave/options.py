@@ -24,7 +24,9 @@ class CompileOptions:
     check_inputs: validate call arguments against the traced signature.
     mesh: a meshweave.DeviceMesh (or a device count) to plan for: cm.plan, cm.report(path),
         per-rank cm.export_onnx(dir); dp/tp/pp-named axes give that Megatron layout, others
-        the planner's search (meshweave.api.plan_for).
+        the planner's search (meshweave.api.plan_for). Under a process group of the mesh's
+        size, calling the model runs this rank's program (runtime/distributed/module.py).
+    micro_batches: pipeline micro-batches of a dp/tp/pp-named mesh's plan.
     hardware: hardware spec name or path used by cost models (default h100).
     training: compile the training step too: forward and backward IR from AOTAutograd's joint
         trace (frontend/joint.py); calls with grad enabled are differentiable.
@@ -45,6 +47,7 @@ class CompileOptions:
     verify: bool = True
     check_inputs: bool = True
     mesh: Any = None
+    micro_batches: int = 1
     hardware: str | None = None
     training: bool = False
     cuda_graphs: bool | None = None

@@ -167,11 +167,16 @@ class P2P:
     (`grad` and a floating dtype). Receives whose gradient autograd never asked for (the value
     did not reach the loss) are answered with zeros by `answer_unused(key)` after that
     micro-batch's backward, so the sender's backward does not wait forever.
+
+    `tag_offset` is added to every transfer's tag: a caller that runs several micro-batches
+    forward and leaves their backward to one autograd call (runtime/distributed/module.py),
+    in whatever order the engine takes them, gives each micro-batch its own tags.
     """
 
     def __init__(self) -> None:
         self.pending: list[tuple[object, torch.Tensor]] = []
         self.open_recvs: dict[object, list[dict]] = {}
+        self.tag_offset = 0
 
     def isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
         t = t.detach().contiguous()
@@ -199,6 +204,7 @@ class P2P:
     def send(self, x: torch.Tensor, peer: int, tag: int, grad: bool) -> torch.Tensor | None:
         """Send x. With `grad`, returns a scalar to backprop from: its backward receives x's
         gradient from `peer` (and passes it into x's autograd graph)."""
+        tag += self.tag_offset
         if not (grad and x.is_floating_point()):
             self.send_value(x, peer, tag)
             return None
@@ -210,6 +216,7 @@ class P2P:
         self, shape, dtype, device, peer: int, tag: int, grad: bool, key: object = None
     ) -> torch.Tensor:
         """Receive a value; with `grad`, its backward sends the gradient back to `peer`."""
+        tag += self.tag_offset
         if not (grad and dtype.is_floating_point):
             return self.recv_value(shape, dtype, device, peer, tag)
         record = {

@@ -41,7 +41,7 @@ from .errors import DistributedError
 from .optim import OptimConfig, ParamSync, ShardedOptimizer
 from .program import RankProgram, split_ties
 from .schedule import stage_schedule
-from .shards import as_placements, local_shard
+from .shards import as_placements, local_shard, spec_from_placements
 
 _GATHER_TAG = 1 << 20  # tags of the output gather; stage transfers use small tags
 LOSSES = ("ce", "mean")
@@ -315,6 +315,15 @@ class RankExecutor:
 
     def param_shards(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def param_specs(self) -> dict[str, list]:
+        """Value name -> the shard spec (lower.py's format) of this rank's piece of it."""
+        given = self.program.graph.meta.get("shard_specs") or {}
+        return {
+            v.name: given.get(v.name) or spec_from_placements(
+                self.placements(v), self.coords, self.mesh.shape)
+            for v in self.program.graph.inputs if v.kind == "param"
+        }
 
 
 def _send_tensors(tensors: list[torch.Tensor], dst: int, device="cpu") -> None:

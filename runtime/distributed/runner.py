@@ -37,9 +37,10 @@ from ..compare import ComparisonError, max_errors, worst
 from .checkpoint import CHECKPOINT_NAME, load_program_weights, rank_job
 from .errors import DistributedError
 from .executor import RankExecutor
+from .module import assemble_params
 from .optim import OptimConfig
 from .program import RankProgram, program_from_lowered, split_stages, tie_rank_groups, tied_params
-from .shards import assemble_from_specs, spec_from_placements
+from .shards import assemble_from_specs
 
 PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed", "file")
 DEVICES = ("cpu", "cuda")
@@ -336,11 +337,7 @@ def run_rank(rank: int, world_size: int, job: Job) -> RankResult:
         outputs = ex.infer(job.inputs)
         seconds.append(time.perf_counter() - t0)
     pl = {v.name: tuple(ex.placements(v)) for v in program.graph.inputs if v.kind == "param"}
-    given = program.graph.meta.get("shard_specs") or {}
-    specs = {
-        n: given.get(n) or spec_from_placements(p, ex.coords, ex.mesh.shape)
-        for n, p in pl.items()
-    }
+    specs = ex.param_specs()
     opt = ex.optimizer.state_numel() if ex.optimizer else 0
     if outputs is not None:
         outputs = [t.cpu() for t in outputs]
@@ -447,22 +444,7 @@ def run_torchrun_rank(rank: int, world_size: int, spec: RunSpec, prepare_fn=None
 
 def collect(job: Job, results: list[RankResult]) -> RunResult:
     """Full parameters (by fully qualified name) from every rank's shards and specs."""
-    targets = {v.name: v.target for v in job.graph.inputs if v.kind == "param"}
-    pieces: dict[str, list] = {}
-    for r in results:
-        for name, t in r.params.items():
-            pieces.setdefault(name, []).append((r.specs[name], t))
-    params = {
-        targets.get(n, n): assemble_from_specs(tuple(job.graph.tensors[n].shape), p)
-        for n, p in pieces.items()
-    }
-    # A tied weight the IR never reads (export routes every use through one copy) has the
-    # value of the copy that ran.
-    for names, _ in tied_params(job.graph, job.plan):
-        ran = [n for n in names if n in pieces]
-        for n in names:
-            if n not in pieces and ran:
-                params[targets.get(n, n)] = params[targets.get(ran[0], ran[0])]
+    params = assemble_params(job.graph, job.plan, [(r.params, r.specs) for r in results])
     losses = [x for r in results if r.losses and r.losses[0] is not None for x in r.losses]
     last_losses = losses[: job.spec.steps] if job.spec.training else []
     return RunResult(results[0].outputs, last_losses, params, results)

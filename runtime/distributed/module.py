@@ -1,0 +1,233 @@
+"""This rank's part of a planned model, called like the model: compile(mesh=...) under a group.
+
+    cm = meshweave.compile(model, args, options=CompileOptions(mesh=mesh, training=True))
+    opt = torch.optim.AdamW(cm.parameters())     # this rank's shards
+    loss = loss_fn(cm(*args), labels)            # every rank: the global batch, full outputs
+    loss.backward(); opt.step()                  # the single-device gradients, shard by shard
+    cm.state_dict()                              # full tensors, keyed like model.state_dict()
+
+`RankModule` lowers the plan for this rank (the planner's `lower_for_rank`) and runs it with
+the executor's machinery (executor.py): the global batch is cut into micro-batches and into
+this rank's input shards, the stage runs each micro-batch forward, and the last stage's outputs
+are replicated with differentiable collectives and sent to the other stages' ranks, so every
+rank returns the full outputs.
+
+Gradients (the default convention): every rank computes the same loss from the full outputs
+and calls backward(). The collectives' backwards are exact adjoints (autograd_collectives.py),
+which sum over the ranks holding a copy, so the outputs' gradient is divided by the number of
+last-stage ranks holding it (other stages' copies get none: the last stage speaks for the
+loss). Earlier stages' backward starts at their sends, whose gradients come from the next
+stage. Micro-batches' transfers have their own tags (P2P.tag_offset), because one autograd
+call runs all their backwards in the engine's order. When autograd finishes, a queued callback
+completes the gradients as the executor's optimizer does (optim.py: sum over the axes a shard
+is replicated on, then over tied copies), counting only what this backward added, so gradient
+accumulation over several backward() calls stays exact. A plan's ZeRO-1 flag is dropped here:
+the user's torch optimizer keeps state for its whole shards (meshweave run's own optimizer
+shards it).
+
+Weights: every rank holds the model (as with DDP); rank 0's parameters and buffers are
+broadcast at the first call, and rank 0's plan is the one every rank runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ...ir.graph import Graph
+from ...ir.sharding import Partial, Shard
+from . import autograd_collectives as ac
+from .errors import DistributedError
+from .executor import RankExecutor
+from .program import tied_params
+from .shards import assemble_from_specs
+
+_MB_TAG_STRIDE = 1024  # tag offset between micro-batches (plan transfer tags are far smaller)
+
+
+class RankModule:
+    """One rank's program of `plan` for `graph`, differentiable when `training`."""
+
+    def __init__(self, graph: Graph, plan, *, training: bool, device: str | torch.device):
+        from ...passes.parallel.lower.rank import lower_for_rank
+        from .groups import init_plan_groups
+        from .program import program_from_lowered, tie_rank_groups
+
+        if plan.zero:  # the user's torch optimizer steps whole shards (see the docstring)
+            plan = dataclasses.replace(plan, zero=False)
+        plan = _rank0_plan(plan)
+        self.graph, self.plan, self.rank = graph, plan, dist.get_rank()
+        _broadcast_tensors(graph)
+        ties = tied_params(graph, plan)
+        init_plan_groups(plan, tie_rank_groups(ties, plan))
+        lowered = lower_for_rank(graph, plan, self.rank)
+        self.program = program_from_lowered(lowered, graph, plan, self.rank)
+        self.ex = RankExecutor(self.program, plan, training=training, device=str(device),
+                               ties=ties)
+        self.training = training
+        self.pending: dict | None = None  # during a backward: the gradients from before it
+        self.targets = {v.name: v.target for v in graph.inputs if v.kind == "param"}
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, leaves: list[Any]) -> list[torch.Tensor]:
+        ex = self.ex
+        grad = self.training and torch.is_grad_enabled()
+        ex.training = grad  # both ends of every transfer agree: all ranks call alike
+        ex._saved, ex._outputs = {}, {}
+        roots: list[torch.Tensor] = []
+        per_mb: list[list[torch.Tensor]] = []
+        try:
+            for mb in range(self.plan.micro_batches):
+                ex.p2p.tag_offset = mb * _MB_TAG_STRIDE
+                outs = ex.run_program(ex._stage_inputs(leaves, mb), mb)
+                roots += ex._inline_roots
+                n_model = self.program.num_outputs
+                for t, x in zip(self.program.sends, outs[n_model:]):
+                    roots.append(ex.p2p.send(x, ex._peer(t.dst_stage), t.tag, grad))
+                if ex.is_last:
+                    values = self.program.graph.outputs[:n_model]
+                    per_mb.append([_replicate(ex, x, v) for x, v in zip(outs, values)])
+        finally:
+            ex.p2p.tag_offset = 0
+        if not grad:
+            ex.p2p.flush()
+        full = [torch.cat(p, 0) if len(p) > 1 else p[0] for p in zip(*per_mb)]
+        full = self._to_every_stage(full)
+        roots = [r for r in roots if r is not None and r.requires_grad]
+        if not grad or not (roots or any(o.requires_grad for o in full)):
+            return full
+        copies = ex.size if ex.is_last else None
+        return list(_Boundary.apply(self, copies, len(roots), *roots, *full))
+
+    def _to_every_stage(self, full: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The last stage's outputs on every rank (a broadcast from its first rank)."""
+        if self.plan.num_stages == 1:
+            return full
+        src = self.plan.stage_mesh(self.plan.num_stages - 1).devices[0]
+        meta = [[(tuple(o.shape), o.dtype) for o in full] if self.rank == src else None]
+        dist.broadcast_object_list(meta, src=src)
+        if self.rank == src:
+            sent = [o.detach().contiguous() for o in full]
+        else:
+            sent = [torch.empty(s, dtype=d, device=self.ex.device) for s, d in meta[0]]
+        for t in sent:
+            dist.broadcast(t, src=src)
+        return full if self.ex.is_last else sent
+
+    # ------------------------------------------------------------------ after backward
+    def finish_backward(self) -> None:
+        """Flush transfers, complete this backward's gradients, add back what was there."""
+        ex, before, self.pending = self.ex, self.pending, None
+        ex.p2p.flush()
+        for mb in range(self.plan.micro_batches):
+            ex.p2p.answer_unused(mb)
+        ex.p2p.flush()
+        ex.optimizer.sync_grads()
+        ex.optimizer.sync_ties()
+        for name, g in before.items():
+            p = ex.params[name]
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+
+    # ------------------------------------------------------------------ parameters
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(fully qualified name, this rank's shard), in the IR's parameter order."""
+        return [(self.targets.get(n, n), p) for n, p in self.ex.params.items()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameters (gathered from every rank's shards) and buffers, keyed like the
+        model's state_dict. A collective: every rank must call it."""
+        mine = ({n: p.detach().cpu() for n, p in self.ex.params.items()}, self.ex.param_specs())
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        params = assemble_params(self.graph, self.plan, every)
+        out = {}
+        for v in self.graph.inputs:
+            if v.kind == "param":
+                out[v.target] = params[v.target]
+            elif v.kind == "buffer" and v.target:
+                out[v.target] = self.graph.tensors[v.name].detach().clone()
+        return out
+
+
+def assemble_params(graph: Graph, plan, ranks) -> dict[str, torch.Tensor]:
+    """Full parameters by fully qualified name, from each rank's (shards, shard specs)."""
+    targets = {v.name: v.target for v in graph.inputs if v.kind == "param"}
+    pieces: dict[str, list] = {}
+    for shards, specs in ranks:
+        for name, t in shards.items():
+            pieces.setdefault(name, []).append((specs[name], t))
+    params = {
+        targets.get(n, n): assemble_from_specs(tuple(graph.tensors[n].shape), p)
+        for n, p in pieces.items()
+    }
+    # A tied weight the IR never reads (export routes every use through one copy) has the
+    # value of the copy that ran.
+    for names, _ in tied_params(graph, plan):
+        ran = [n for n in names if n in pieces]
+        for n in names:
+            if n not in pieces and ran:
+                params[targets.get(n, n)] = params[targets.get(ran[0], ran[0])]
+    return params
+
+
+def _replicate(ex: RankExecutor, x: torch.Tensor, v) -> torch.Tensor:
+    """An output value made whole on every rank of the stage, differentiably."""
+    for a, p in enumerate(ex.placements(v)):
+        if isinstance(p, Partial):
+            x = ac.all_reduce(x, ex.axis_ranks[a])
+        elif isinstance(p, Shard):
+            x = ac.all_gather(x, p.dim, ex.axis_ranks[a])
+    return x
+
+
+class _Boundary(torch.autograd.Function):
+    """Where the user's autograd graph meets this rank's: outputs in, gradients out.
+
+    Backward seeds the rank's program: the outputs' gradients divided by the last stage's
+    copies (None elsewhere), and 1 for each send root; it queues `finish_backward`."""
+
+    @staticmethod
+    def forward(ctx, module, copies, n_roots, *tensors):
+        ctx.module, ctx.copies = module, copies
+        ctx.roots = [(r.dtype, r.device) for r in tensors[:n_roots]]
+        return tuple(t.detach().clone() for t in tensors[n_roots:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        module = ctx.module
+        if module.pending is None:  # the first boundary this backward reaches
+            module.pending = {}
+            for name, p in module.ex.params.items():
+                module.pending[name], p.grad = p.grad, None
+            torch.autograd.Variable._execution_engine.queue_callback(module.finish_backward)
+        roots = [torch.ones((), dtype=d, device=dev) for d, dev in ctx.roots]
+        if ctx.copies is None:
+            outs = [None] * len(grads)
+        else:
+            outs = [None if g is None else g / ctx.copies for g in grads]
+        return (None, None, None, *roots, *outs)
+
+
+def _rank0_plan(plan):
+    """Rank 0's plan, on every rank: one plan, whatever each rank's search found."""
+    from ...passes.parallel.plan import Plan
+
+    box = [plan.to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return plan if dist.get_rank() == 0 else Plan.from_json(box[0])
+
+
+def _broadcast_tensors(graph: Graph) -> None:
+    """Every rank starts from rank 0's weights (as DDP does at construction)."""
+    with torch.no_grad():
+        for name in sorted(graph.tensors):
+            t = graph.tensors[name]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel():
+                if not t.is_contiguous():
+                    raise DistributedError(f"tensor {name} is not contiguous; cannot broadcast")
+                dist.broadcast(t.data, src=0)
+
