@@ -40,6 +40,7 @@ from meshweave.ir.errors import (
 )
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.options import CompileOptions, options_override
+from meshweave.passes.quant.config import QuantConfig
 
 __all__ = [
     "CompileOptions",
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceMesh",
     "FrontendError",
     "MeshweaveError",
+    "QuantConfig",
     "UnsupportedOpError",
     "VerificationError",
     "compile",

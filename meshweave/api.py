@@ -68,10 +68,12 @@ def compile(
     name = type(model).__name__
     graph = convert(ep, eager_fallback=options.eager_fallback, name=name)
     dump_dir = options.dump_dir or env.dump_dir()
-    optimized = run_pipeline(graph, _select_passes(options.passes), dump_dir=dump_dir,
-                             verify_each=options.verify)
-    cm = CompiledModel(optimized, _signature(ep, graph), ep.call_spec.out_spec, options, graph,
-                       name)
+    signature = _signature(ep, graph)
+    passes = _select_passes(options.passes) + _quant_passes(options, signature)
+    optimized = run_pipeline(graph, passes, dump_dir=dump_dir, verify_each=options.verify)
+    cm = CompiledModel(optimized, signature, ep.call_spec.out_spec, options, graph, name)
+    if "quant" in optimized.meta:
+        cm.artifacts["quantization"] = optimized.meta["quant"]
     _attach_backend(cm, options)
     if options.training:
         _attach_training(cm, model, traced, args, kwargs, options)
@@ -82,6 +84,25 @@ def compile(
     if dump_dir:
         cm.dump(dump_dir)
     return cm
+
+
+def _quant_passes(options: CompileOptions, signature: Signature) -> list:
+    """CompileOptions.quantize: the quantization pass (passes/quant/), after the others."""
+    if options.quantize is None:
+        return []
+    from meshweave.passes.quant import quantization_pass
+
+    if options.training:
+        raise ValueError("CompileOptions.quantize is weight-only quantization for inference; "
+                         "it cannot be combined with training=True")
+    batches = [signature.flatten(*_as_call(c)) for c in (options.calibration or ())]
+    return [quantization_pass(options.quantize, batches)]
+
+
+def _as_call(batch: Any) -> tuple[tuple, dict]:
+    if isinstance(batch, dict):
+        return (), batch
+    return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}
 
 
 MEGATRON_AXES = ("dp", "tp", "pp")

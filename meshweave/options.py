@@ -36,6 +36,10 @@ class CompileOptions:
         turns it on where replay is exact and cheap to keep: backend "triton" on CUDA tensors,
         inference (training=False), static shapes, and no node left to the reference
         executor; True asks for it anyway (an error off CUDA), False never.
+    quantize: a meshweave.QuantConfig: weight-only quantization of linear layers into
+        `quant.linear` (passes/quant/), run after the default passes; inference only.
+    calibration: example batches for QuantConfig(method="gptq"): a list of argument tuples
+        (or single tensors) shaped like the traced example.
     """
 
     eager_fallback: bool = True
@@ -51,6 +55,8 @@ class CompileOptions:
     hardware: str | None = None
     training: bool = False
     cuda_graphs: bool | None = None
+    quantize: Any = None
+    calibration: Any = None
 
     def __post_init__(self):
         if self.backend not in (None, "eager", "triton"):

@@ -12,6 +12,7 @@ Modules, by op category:
   shape_ops.py   views, reshapes, permutes, slicing, concatenation, indexing
   linalg.py      mm/bmm/addmm/linear/sdpa/convolution/embedding
   misc.py        tensor creation, random-free utilities and SymInt arithmetic
+  quant.py       quant.linear: weight-only quantized linear on packed int2/3/4/8 weights
 """
 
-from . import collectives, linalg, misc, pointwise, reductions, shape_ops  # noqa: F401
+from . import collectives, linalg, misc, pointwise, quant, reductions, shape_ops  # noqa: F401
