@@ -38,7 +38,7 @@ import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 from torch import fx
 
-from ..ir.errors import FrontendError
+from ..ir.errors import FrontendError, MeshweaveError
 from ..ir.graph import Graph
 from ..runtime.reference import run_graph
 from .convert import convert_module
@@ -48,6 +48,7 @@ from .convert import convert_module
 class JointProgram:
     graphs: dict[str, Graph]  # "forward" and "backward"
     fn: Callable[..., list[Any]]
+    parameters: list[torch.Tensor] = dataclasses.field(default_factory=list)  # what fn trains
 
     @property
     def num_outputs(self) -> int:
@@ -121,9 +122,15 @@ def build_joint(
     eager_fallback: bool,
     optimize: Callable[[Graph], Graph],
     make_runner: Callable[[Graph], Callable[[list[Any]], list[Any]]] = reference_runner,
+    partition: Callable | None = None,
+    recomputed: Callable[[], list[str]] | None = None,
 ) -> JointProgram:
     """`make_runner(graph)` builds what executes each optimized graph (default: the reference
-    executor; meshweave.compile passes the Triton backend's for backend="triton")."""
+    executor; meshweave.compile passes the Triton backend's for backend="triton").
+    `partition` splits the joint graph (default: torch's default partition, which saves all
+    the backward reads; passes/remat/ gives one that chooses under a memory budget), and
+    `recomputed()` then names the backward nodes that recompute forward values: they are
+    marked `[recompute=True]` in the backward IR."""
     from torch._functorch import config as aot_config
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
@@ -138,13 +145,19 @@ def build_joint(
     rename = {f"primals_{i + 1}": "p_" + fqn.replace(".", "_") for i, fqn in enumerate(state)}
     rename_forward = dict(rename)
 
-    def compile_graph(kind: str, gm: fx.GraphModule, targets: list[str]) -> Callable:
+    def compile_graph(kind: str, gm: fx.GraphModule, targets: list[str],
+                      marked: set[str] = frozenset()) -> Callable:
         names = rename_forward if kind == "forward" else rename
         # AOTAutograd calls compilers under its fake-tensor mode; passes that evaluate (constant
         # folding) must see real tensors.
         with unset_fake_temporarily():
             g = convert_module(gm, targets, eager_fallback=eager_fallback, name=f"{name}_{kind}",
                                rename=names)
+            for n in g.nodes:
+                names = {o.name.rsplit("_", 1)[0] if n.multi_output else o.name
+                         for o in n.outputs}
+                if names & marked:
+                    n.attrs["recompute"] = True
             graphs[kind] = g = optimize(g)
             return _boxed(g, make_runner(g))
 
@@ -161,7 +174,8 @@ def build_joint(
         fw.meta["num_saved"] = len(saved)
         names = [v.name for v in fw.outputs[len(fw.outputs) - len(saved):]]
         rename.update(zip(saved, names))
-        return compile_graph("backward", gm, [])
+        marked = set(recomputed() if recomputed else ())
+        return compile_graph("backward", gm, [], marked)
 
     try:
         # the backward is compiled now, not at the first backward(), so cm.backward_graph
@@ -175,12 +189,12 @@ def build_joint(
                 list(example_leaves),
                 fw_compiler=compile_forward,
                 bw_compiler=compile_backward,
-                partition_fn=default_partition,
+                partition_fn=partition or default_partition,
             )
-    except FrontendError:
+    except MeshweaveError:  # a FrontendError, or the partition's (a budget it cannot meet)
         raise
     except Exception as e:
         raise FrontendError(
             f"AOTAutograd could not trace the training step of {name}: {type(e).__name__}: {e}"
         ) from e
-    return JointProgram(graphs, fn)
+    return JointProgram(graphs, fn, list(flat.parameters()))

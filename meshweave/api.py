@@ -154,8 +154,21 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
 
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
     kw = {"make_runner": _triton_runner(options)} if cm.backend == "triton" else {}
+    cm.remat = remat = {}
+    kw["partition"] = _remat_partition(options, remat)
+    kw["recomputed"] = lambda: remat.get("recomputed", [])
     cm.joint = build_joint(ep, leaves, cm.model_name, eager_fallback=options.eager_fallback,
                            optimize=optimize, **kw)
+
+
+def _remat_partition(options, report):
+    """The rematerialization pass (passes/remat/) as the joint graph's partition function."""
+    from meshweave.passes.parallel.cost.hardware import get_spec
+    from meshweave.passes.remat.budget import MemoryBudget
+    from meshweave.passes.remat.partition import remat_partition
+
+    budget = None if options.memory_budget is None else MemoryBudget.parse(options.memory_budget)
+    return remat_partition(budget, get_spec(options.hardware or "h100"), report)
 
 
 def _triton_runner(options):

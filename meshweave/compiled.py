@@ -40,6 +40,7 @@ class CompiledModel:
         self.artifacts: dict[str, Any] = {}
         self.kernels: list = []  # generated kernels (codegen fills it for backend="triton")
         self.joint = None  # CompileOptions(training=True): frontend.joint.JointProgram
+        self.remat: dict[str, Any] = {}  # its partition: passes/remat/ problem and solution
         self.plan = None  # CompileOptions(mesh=...): the parallel Plan
         self._rank = None  # under the plan's process group: runtime.distributed RankModule
 
@@ -133,6 +134,34 @@ class CompiledModel:
         """Training: the backward IR (saved values and output gradients -> input gradients)."""
         return self.joint.backward if self.joint is not None else None
 
+    def memory_stats(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One training step on (args, kwargs), measured beside the estimates: the bytes kept
+        between forward and backward and the peak live bytes (runtime/memory.py), and the
+        rematerialization pass's budget, saved set and recompute cost (passes/remat/)."""
+        if self.joint is None:
+            raise ValueError("memory_stats() measures a training step: compile with "
+                             "CompileOptions(training=True)")
+        from meshweave.runtime.memory import estimate_peak, measure_step
+
+        leaves = self.signature.flatten(args, kwargs)
+        state = self.joint.parameters
+        with torch.enable_grad():
+            measured = measure_step(lambda: list(self.joint.fn(*leaves)), state, leaves)
+        sol = self.remat["solution"]
+        return {
+            "budget": str(self.remat["budget"]) if self.remat["budget"] is not None else None,
+            "saved_bytes_estimated": int(sol.saved_bytes),
+            "saved_bytes_measured": measured["saved_bytes"],
+            "full_saved_bytes": int(sol.full_bytes),
+            "peak_bytes_estimated": estimate_peak(self.joint.forward, self.joint.backward,
+                                                  len(self.joint.saved)),
+            "peak_bytes_measured": measured["peak_bytes"],
+            "peak_source": measured["peak_source"],
+            "recomputed_nodes": len(sol.recomputed),
+            "recompute_flops": int(sol.recompute_flops),
+            "recompute_seconds_estimated": sol.recompute_seconds,
+        }
+
     def _run_reference(self, leaves: list[Any]) -> list[Any]:
         return run_graph(self.graph, leaves)
 
@@ -196,6 +225,16 @@ class CompiledModel:
                 f"{'generated Triton modules' if self.backend == 'triton' else 'reference executor'}"
                 f" (calls under torch.no_grad() run the inference program)"
             )
+            sol = self.remat.get("solution")
+            if sol is not None:
+                budget = self.remat["budget"]
+                lines.append(
+                    f"  rematerialization (passes/remat/): budget "
+                    f"{budget if budget is not None else 'none (save all)'}; saves "
+                    f"{sol.saved_bytes:,.0f} of {sol.full_bytes:,.0f} activation bytes, "
+                    f"recomputes {len(sol.recomputed)} nodes ({sol.recompute_flops:,.0f} FLOPs, "
+                    f"~{sol.recompute_seconds * 1e6:.1f} us estimated); cm.memory_stats(*args) "
+                    f"measures it")
         for name, art in self.artifacts.items():
             summary = getattr(art, "summary", None)
             if callable(summary):

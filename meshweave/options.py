@@ -40,6 +40,11 @@ class CompileOptions:
         `quant.linear` (passes/quant/), run after the default passes; inference only.
     calibration: example batches for QuantConfig(method="gptq"): a list of argument tuples
         (or single tensors) shaped like the traced example.
+    memory_budget: with training=True, the rematerialization pass (passes/remat/) chooses
+        what the backward recomputes: a fraction in (0, 1] of the activation bytes that saving
+        everything needs (torch's activation_memory_budget), or a size such as "2GiB"; the
+        saved set of least recompute time (cost model) under it is found by an ILP. None
+        saves everything the backward reads.
     """
 
     eager_fallback: bool = True
@@ -57,6 +62,7 @@ class CompileOptions:
     cuda_graphs: bool | None = None
     quantize: Any = None
     calibration: Any = None
+    memory_budget: Any = None
 
     def __post_init__(self):
         if self.backend not in (None, "eager", "triton"):
@@ -65,6 +71,13 @@ class CompileOptions:
         if self.cuda_graphs and self.backend == "eager":
             raise ValueError("CompileOptions.cuda_graphs=True replays generated Triton kernels: "
                              "it needs backend='triton' (or None on CUDA), not 'eager'")
+        if self.memory_budget is not None:
+            from meshweave.passes.remat.budget import MemoryBudget
+
+            MemoryBudget.parse(self.memory_budget)  # raises on a bad budget, at construction
+            if not self.training:
+                raise ValueError(f"CompileOptions.memory_budget={self.memory_budget!r} chooses "
+                                 f"what the backward recomputes: it needs training=True")
         if self.passes is not None and not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
 

@@ -15,6 +15,7 @@ from ..ir.errors import MeshweaveError
 from ..ir.graph import Graph, Node, Value, map_values
 from ..ir.printer import format_node
 from ..ir.registry import lookup, resolve_torch_op
+from .memory import active_meter
 
 
 class ExecutionError(MeshweaveError):
@@ -59,11 +60,32 @@ def run_graph(
     for v in graph.state_inputs:
         env[v] = tensors[v.name]
     last_use = _last_uses(graph)
+    meter = active_meter()  # runtime/memory.py: counts the live bytes a step holds
+    if meter is not None:
+        return _run_metered(graph, env, last_use, meter)
     for i, n in enumerate(graph.nodes):
         run_node(n, env)
         for v in last_use.get(i, ()):
             env.pop(v, None)  # free intermediates early, as a real runtime would
     return [env[v] for v in graph.outputs]
+
+
+def _run_metered(graph: Graph, env: dict, last_use: dict, meter) -> list[Any]:
+    for v in graph.inputs:
+        meter.add(env[v])
+    for i, n in enumerate(graph.nodes):
+        run_node(n, env)
+        for o in n.outputs:
+            meter.add(env[o])
+        for v in last_use.get(i, ()):
+            meter.drop(env.pop(v, None))
+    outs = [env[v] for v in graph.outputs]
+    # the inputs die with the call (a backward's saved values and gradients); the outputs stay
+    alive = {id(t) for t in outs}
+    for v in graph.inputs:
+        if id(env[v]) not in alive:
+            meter.drop(env[v], all_holders=True)
+    return outs
 
 
 def _last_uses(graph: Graph) -> dict[int, list[Value]]:

@@ -29,6 +29,26 @@ def assert_same_outputs(expected, got, *, rtol=1e-5, atol=1e-5, repro: str = "")
             assert x == y, f"leaf {i}: {y!r} != {x!r}. repro: {repro}"
 
 
+def training_loss(out) -> torch.Tensor:
+    """A scalar loss from a model's output (a tensor, a tuple, or an HF output's logits)."""
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+    return out.float().pow(2).mean()
+
+
+def train_pair(name: str, batch: int = 2, seq: int = 8):
+    """(model, an identical copy for eager, inputs) of zoo model `name`, in train mode."""
+    import copy
+
+    from meshweave.models import build_model
+
+    if name.startswith("hf:"):
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, inputs = build_model(name, batch=batch, seq=seq)
+    model.train()
+    return model, copy.deepcopy(model), inputs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

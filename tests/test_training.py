@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import train_pair, training_loss
 import torch
 from meshweave.ir.errors import MeshweaveError
 from meshweave.ir.verify import verify
-from meshweave.models import build_model
 
 import meshweave
 
@@ -18,18 +18,7 @@ MODELS = ["gpt-tiny", "llama-tiny", "moe-tiny", "convnet-tiny", "hf:gpt2", "hf:l
 TRAIN = meshweave.CompileOptions(training=True)
 
 
-def _loss(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-    return out.float().pow(2).mean()
-
-
-def _pair(name: str):
-    if name.startswith("hf:"):
-        pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model, inputs = build_model(name, batch=2, seq=8)
-    model.train()
-    return model, copy.deepcopy(model), inputs
+_loss, _pair = training_loss, train_pair
 
 
 @pytest.mark.parametrize("name", MODELS)
