@@ -2,8 +2,9 @@
 
 Pipeline: schedule.py groups nodes into kernels (fusion rules by op, via RuleTables) -> the
 templates in kernels/ emit one Triton kernel per group (pointwise.py, reduction.py, matmul.py,
-flash_attention.py; emitter.py is the body emitter they share, lowering.py turns one op into a
-Triton expression, indexing.py views into index arithmetic, tvalues.py typed expressions) ->
+flash_attention.py, quant_matmul.py; emitter.py is the body emitter they share, lowering.py
+turns one op into a Triton expression, indexing.py views into index arithmetic, tvalues.py
+typed expressions) ->
 memory_plan.py reuses dead buffers -> wrapper.py writes a module with a call() that allocates
 buffers and launches the kernels -> cache.py stores it on disk, keyed by the graph and versions
 -> runtime.py serves call() at run time (launch sizes, the matmul template-vs-cuBLAS choice,
@@ -15,8 +16,9 @@ K/V heads and constant causal masks directly.
 Rule tables (ir.registry.RuleTable, keyed by op name): LOWERINGS "triton_lowering"
 (pointwise and indexed ops -> Triton expressions), VIEW_INDEX "triton_view_index" (views ->
 index maps), REDUCTIONS "triton_reduction", MATMULS "triton_matmul", ATTENTION
-"triton_attention". An op in none of them runs through the reference executor and is listed
-with the reason in explain() and the dump (kernels.txt). New kernels (a pass family's) go in
+"triton_attention", QUANT_MATMULS "triton_quant_matmul" (quant.linear). An op in none of
+them runs through the reference executor and is listed with the reason in explain() and the
+dump (kernels.txt). New kernels (a pass family's) go in
 kernels/ and register in these tables.
 
 May import: meshweave.ir, runtime/reference.py, passes/ (dce), codegen/folding.py.

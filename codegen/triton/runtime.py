@@ -1,5 +1,6 @@
 """What a generated module's call() uses at run time: launch configurations, the matmul
-variant chooser, attention, and the reference executor for nodes that were not compiled.
+variant chooser, attention, the quantized GEMM, and the reference executor for nodes that
+were not compiled.
 
 Launch sizes are computed from the actual sizes on every call (shapes may be symbolic), so one
 generated module serves every shape. Matmuls are the one place where the choice of code
@@ -21,9 +22,11 @@ from typing import Any
 import torch
 
 from meshweave.ir.graph import Graph, Node
+from meshweave.ir.ops.quant import quant_linear as reference_quant_linear
 from meshweave.runtime.reference import run_node
 from .fast_launch import current_raw_stream, set_stream
 from .kernels.flash_attention import flash_attention
+from .kernels.quant_matmul import quant_matmul
 
 TORCH = "torch"
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on the GPU, big tiles first.
@@ -346,6 +349,20 @@ class KernelRuntime:
         b, h, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         out = torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
         return out.copy_(got)
+
+    # --- quant.linear -------------------------------------------------------------------------
+    def quant_linear(self, kernels, x, qweight, scales, zeros, bias, *, bits: int,
+                     group_size: int) -> torch.Tensor:
+        """The weight-only quantized GEMM (kernels/quant_matmul.py); policy "torch" runs the
+        op's reference rule (dequantize + torch.matmul) instead. While precompile.py warms the
+        module nothing is launched: the autotuner would time configs on unwritten buffers."""
+        if self.warming:
+            return torch.empty((*x.shape[:-1], qweight.shape[1]), dtype=x.dtype, device=x.device)
+        if self.matmuls.policy == TORCH:
+            return reference_quant_linear(x, qweight, scales, zeros, bias, bits=bits,
+                                          group_size=group_size)
+        return quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, kernels=kernels,
+                            interpret=self.interpret, allow_tf32=self.allow_tf32)
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, enable_gqa) -> torch.Tensor:

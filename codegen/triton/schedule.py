@@ -2,9 +2,10 @@
 
 Every node is classified by the rule tables (no op-name if-chains): VIEW_INDEX -> a view
 (index arithmetic, never a kernel of its own), REDUCTIONS -> reduction, MATMULS -> matmul,
-ATTENTION -> flash attention, LOWERINGS -> pointwise; SymInt arithmetic runs in the wrapper
-("host"); anything else, or anything in a dtype the backend does not support, runs through the
-reference executor ("fallback", with the reason).
+ATTENTION -> flash attention, QUANT_MATMULS -> quant (the weight-only quantized GEMM),
+LOWERINGS -> pointwise; SymInt arithmetic runs in the wrapper ("host"); anything else, or
+anything in a dtype the backend does not support, runs through the reference executor
+("fallback", with the reason).
 
 Nodes are then placed greedily in program order:
   * a pointwise node joins the group of one of its direct producers when the shapes fit:
@@ -17,7 +18,7 @@ Nodes are then placed greedily in program order:
     before it runs as the Triton template or as cuBLAS (chosen later, per shape);
   * a reduction turns the pointwise group that produces its input into a reduction group (or
     joins a reduction group over the same rows), else starts one;
-  * matmul and attention nodes start their own groups.
+  * matmul, attention and quant.linear nodes start their own groups.
 A join is refused if it would make the group graph cyclic (a group may not need, through
 another group, a value it produces itself).
 """
@@ -38,8 +39,9 @@ from .indexing import VIEW_INDEX, numel, shapes_equal, to_expr
 from .kernels.reduction import REDUCTIONS, value_class
 from .lowering import LOWERINGS, Pointwise
 from .kernels.matmul import MATMULS, domain_index, epilogue_domain
+from .kernels.quant_matmul import QUANT_MATMULS
 
-KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention")
+KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention", "quant")
 BASE_DTYPES = {
     torch.float32,
     torch.float16,
@@ -56,7 +58,7 @@ GPU_ONLY_DTYPES = {torch.bfloat16}  # numpy (the interpreter) has no bfloat16
 @dataclasses.dataclass(eq=False)
 class Group:
     id: int
-    kind: str  # pointwise | reduction | matmul | attention | host | fallback
+    kind: str  # pointwise | reduction | matmul | attention | quant | host | fallback
     nodes: list[Node]
     shape: tuple = ()
     red_dims: tuple[int, ...] = ()
@@ -111,6 +113,7 @@ def classify(n: Node, hints, interpret: bool, forced: dict[Node, str]) -> tuple[
         (REDUCTIONS, "reduction"),
         (MATMULS, "matmul"),
         (ATTENTION, "attention"),
+        (QUANT_MATMULS, "quant"),
         (LOWERINGS, "pointwise"),
     ):
         rule = table.get(n.op)
@@ -461,7 +464,8 @@ def schedule(
 
 
 def kernel_name(g: Group, index: int) -> str:
-    prefix = {"pointwise": "poi", "reduction": "red", "matmul": "mm", "attention": "fa"}[g.kind]
+    prefix = {"pointwise": "poi", "reduction": "red", "matmul": "mm", "attention": "fa",
+              "quant": "qmm"}[g.kind]
     names: list[str] = []
     for n in g.nodes:
         short = n.op.split(".")[1].lstrip("_") if "." in n.op else n.op

@@ -24,6 +24,7 @@ from .indexing import contiguous_strides, pexpr, to_expr
 from .kernels.pointwise import KernelSource, emit_pointwise, interpreter_loops
 from .kernels.reduction import emit_reduction
 from .kernels.matmul import MATMULS, bias_only, emit_matmul, is_bare
+from .kernels.quant_matmul import QUANT_MATMULS, quant_kernel_source
 from .memory_plan import plan_reuse
 from .schedule import Group, Schedule, kernel_name, schedule
 from .tvalues import CodegenError
@@ -156,6 +157,7 @@ class _Wrapper:
         self.node_index = {n: i for i, n in enumerate(graph.nodes)}
         self.loaded = {v for ks in kernels.values() for k in ks for v in k.inputs}
         self.uses_attention = any(g.kind == "attention" for g in sched.groups)
+        self.uses_quant = any(g.kind == "quant" for g in sched.groups)
         self.reuse = plan_reuse(graph, sched)
 
     # --- names and expressions -----------------------------------------------------------------
@@ -254,6 +256,8 @@ class _Wrapper:
         ]
         if self.uses_attention:
             self.defs.insert(0, self.mode_text(FLASH_ATTENTION_SOURCE))
+        if self.uses_quant:
+            self.defs.insert(0, quant_kernel_source(self.interpret))
         body = ["", "def call(inputs, state, rt):"] + self.lines
         return "\n".join(head) + "\n\n" + "\n\n".join(self.defs) + "\n" + "\n".join(body) + "\n"
 
@@ -403,6 +407,18 @@ class _Wrapper:
             f"scale={a.scale!r}, enable_gqa={a.enable_gqa})"
         )
         self.record(g, "triton_flash_attention", self.mode_text(FLASH_ATTENTION_SOURCE))
+
+    def group_quant(self, g: Group) -> None:
+        self.comment(g, "triton_quant_matmul")
+        n, out = g.anchor, g.anchor.outputs[0]
+        args = ", ".join("None" if v is None else self.real(v)
+                         for v in QUANT_MATMULS.get(n.op).operands(n))
+        self.names[out] = f"buf_{out.name}"
+        self.emit(
+            f"buf_{out.name} = rt.quant_linear((triton_quant_matmul, triton_quant_splitk_reduce), "
+            f"{args}, bits={n.kwargs['bits']!r}, group_size={n.kwargs['group_size']!r})"
+        )
+        self.record(g, "triton_quant_matmul", quant_kernel_source(self.interpret))
 
     def group_host(self, g: Group) -> None:
         n = g.anchor
