@@ -4,6 +4,9 @@
   single.py        one Graph -> one .onnx file through torch.onnx; verify_onnx, run_onnx
   partition.py     per-rank programs cut at collectives, the manifest, its numpy runner
   translations.py  custom translations (ONNX_TRANSLATIONS) for ops torchlib lacks
+  matmul_nbits.py  quant.linear -> com.microsoft::MatMulNBits (a dequantize fallback for 3 bits)
+  scalars.py       non-tensor user inputs (use_cache=False) folded as constants of the trace
 
-May import: meshweave.ir, runtime/reference.py, passes/parallel/lower/ (per-rank programs).
+May import: meshweave.ir (packing.py and ops/quant.py for quantized linears),
+runtime/reference.py, passes/parallel/lower/ (per-rank programs).
 """

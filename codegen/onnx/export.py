@@ -11,6 +11,8 @@ in onnxruntime against the reference executor.
   single.py        one Graph -> one .onnx file; verify_onnx, run_onnx
   partition.py     per-rank programs -> segments, the manifest and its runner
   translations.py  custom ONNX translations (ONNX_TRANSLATIONS) for ops torchlib lacks
+  matmul_nbits.py  quant.linear -> com.microsoft::MatMulNBits (or a dequantize fallback)
+  scalars.py       non-tensor user inputs (use_cache=False) folded as trace constants
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 
 from meshweave.ir.graph import Graph
 from meshweave.runtime.reference import run_graph
+from .matmul_nbits import lower_quant_linears
 from .partition import export_partitioned, run_manifest
+from .scalars import fold_scalar_inputs, full_inputs, tensor_leaves
 from .single import (
     EXTERNAL_DATA_THRESHOLD,
     OPSET,
@@ -58,12 +62,20 @@ def export_onnx(
     manifest.json. `inputs` are example user inputs (default: synthesized from the traced
     types); with `verify`, every file is checked with onnx.checker and the whole export is run
     in onnxruntime and compared with the reference executor (rtol/atol).
+
+    Non-tensor inputs (a `use_cache=False` flag) are constants of the trace: they are folded
+    and are not ONNX inputs (scalars.py); `inputs` may hold all user inputs or only the
+    tensors. Quantized linears become com.microsoft::MatMulNBits (matmul_nbits.py); a layer
+    that cannot (3 bits) is exported as dequantize-then-MatMul, listed in the result's notes.
     """
     from meshweave.progress import step
 
-    graph: Graph = cm if isinstance(cm, Graph) else cm.graph
-    name = getattr(cm, "model_name", graph.name)
-    inputs = list(inputs) if inputs is not None else example_inputs(graph)
+    traced: Graph = cm if isinstance(cm, Graph) else cm.graph
+    name = getattr(cm, "model_name", traced.name)
+    full = full_inputs(traced, inputs if inputs is not None else example_inputs(traced))
+    graph = fold_scalar_inputs(traced, full)
+    inputs = tensor_leaves(traced, full)
+    lowered, notes = lower_quant_linears(graph)
     os.makedirs(directory, exist_ok=True)
     if plan is not None and plan.world_size > 1:
         result = export_partitioned(
@@ -78,7 +90,7 @@ def export_onnx(
     else:
         with step(f"exporting {name} to ONNX (opset {opset})"):
             f = export_graph(
-                graph,
+                lowered,
                 os.path.join(directory, "model.onnx"),
                 inputs,
                 opset=opset,
@@ -86,6 +98,7 @@ def export_onnx(
             )
         manifest = single_manifest(graph, f, name, opset)
         result = OnnxExport(directory, [f], manifest)
+    result.notes = notes
     with open(result.manifest_path, "w") as fh:
         json.dump(result.manifest, fh, indent=1)
     if verify:
@@ -94,7 +107,7 @@ def export_onnx(
         with step("checking the ONNX export in onnxruntime"):
             for path in result.paths:
                 onnx.checker.check_model(path, full_check=True)  # by path: external data ok
-            expected = run_graph(graph, inputs)
+            expected = run_graph(traced, full)  # the IR as compiled: quant.linear, scalars
             got = run_manifest(directory, inputs)
             result.max_error = compare_outputs(
                 got, [_to_numpy(x) for x in expected], rtol, atol, result.manifest_path

@@ -32,6 +32,7 @@ from meshweave.ir.printer import format_node
 from meshweave.ir.types import TensorType, dtype_short
 from meshweave.runtime.compare import ComparisonError, max_errors
 from meshweave.runtime.reference import node_callable
+from .matmul_nbits import lower_quant_linears
 from .translations import translation_table
 
 OPSET = 18  # pinned: every file meshweave writes uses this opset
@@ -85,6 +86,7 @@ class OnnxExport:
     files: list[OnnxFile]
     manifest: dict
     max_error: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. layers not MatMulNBits
 
     @property
     def manifest_path(self) -> str:
@@ -101,10 +103,11 @@ class OnnxExport:
             if self.max_error is None
             else f", max |onnxruntime - reference| {self.max_error:.2e}"
         )
-        return (
+        lines = [
             f"ONNX opset {self.manifest['opset']}: {len(self.files)} file(s) for {ranks} "
             f"rank(s) in {self.directory}{err}"
-        )
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def dump(self, directory: str) -> list[str]:  # CompiledModel.dump hook: already on disk
         return []
@@ -185,11 +188,15 @@ def _install_tensor(root: torch.nn.Module, v: Value, tensor: torch.Tensor) -> st
 
 # --------------------------------------------------------------------------------- one graph
 def example_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
-    """Inputs of the traced shapes (symbols at their hints): zeros for ints, randn for floats."""
+    """Inputs of the traced shapes (symbols at their hints): zeros for ints, randn for floats;
+    a non-tensor input takes its traced value (None when the trace did not record one)."""
     gen = torch.Generator().manual_seed(seed)
     hints = graph.hints()
     out = []
     for v in graph.user_inputs:
+        if not isinstance(v.type, TensorType):
+            out.append(getattr(v.type, "expr", None))
+            continue
         t = v.tensor_type
         shape = t.concrete_shape(hints)
         if t.dtype.is_floating_point:
@@ -240,6 +247,7 @@ def export_graph_program(
 ) -> Any:
     """torch.onnx's ONNXProgram for `graph`; inputs/outputs are named after the IR values."""
     inputs = list(inputs) if inputs is not None else example_inputs(graph)
+    graph, _ = lower_quant_linears(graph)  # a no-op when export_onnx lowered it already
     for v in graph.outputs:
         if not isinstance(v.type, TensorType):
             raise OnnxExportError(
