@@ -197,3 +197,20 @@ def test_an_unmeetable_budget_names_the_smallest_feasible():
     with pytest.raises(RematError, match=r"smallest feasible budget is [1-9][0-9,]* bytes"):
         meshweave.compile(model, (x,),
                           options=meshweave.CompileOptions(training=True, memory_budget="1B"))
+
+
+def test_the_lagrangian_route_is_valid_and_near_the_milp():
+    """Big graphs (more than EXACT_LIMIT candidates) take the Lagrangian route: its saved set
+    is valid (evaluate() raises otherwise), within budget, and close to the exact optimum."""
+    model, _, inputs = _pair("llama-tiny")
+    cm = meshweave.compile(model, inputs,
+                           options=meshweave.CompileOptions(training=True, memory_budget=1.0))
+    problem = cm.remat["problem"]
+    for b in (0.6, 0.3, 0.1):
+        limit = b * problem.full_bytes
+        lag = solve(problem, limit, exact=False)
+        opt = solve(problem, limit, exact=True)
+        assert lag.saved_bytes <= limit and opt.saved_bytes <= limit
+        assert opt.recompute_seconds <= lag.recompute_seconds * (1 + 1e-6) + 1e-15
+        assert lag.recompute_seconds <= 1.5 * opt.recompute_seconds + 1e-12, (b, lag, opt)
+        assert 0 <= lag.gap < 1

@@ -13,8 +13,16 @@ Variables per candidate v: s_v (saved) and r_v (recomputed in the backward), bot
 
 This is Checkmate's formulation restricted to one forward/backward boundary: the liveness of
 values inside the backward (Checkmate's peak-memory constraint per stage) is not modelled, so
-the peak is measured rather than bounded (cm.memory_stats()). The solver stops at a relative
-gap of 1e-4 or after `time_limit` seconds; the achieved gap is reported.
+the peak is measured rather than bounded (cm.memory_stats()).
+
+Graphs of up to EXACT_LIMIT candidates are solved as the MILP (relative gap 1e-4, or the
+`time_limit`). Bigger ones (a 96-layer GPT-3 has ~7,000) take the Lagrangian route: without
+the byte row the constraints are difference constraints (with x_v = 1 - r_v: s_u >= x_u - x_w),
+a totally unimodular system, so the LP for a price lambda per saved byte is integral. A
+bisection on lambda brackets the budget between two integral solutions; the connected groups
+of nodes on which they differ (one per repeated layer, typically) are independent, and are
+moved to the cheaper solution greedily, best cost-per-byte first, while the budget allows. The
+gap against the LP relaxation with the byte row is reported.
 """
 
 from __future__ import annotations
@@ -118,34 +126,52 @@ def smallest_feasible(problem: RematProblem, time_limit: float = 10.0) -> float:
         return 0.0
     k = len(names)
     c = np.concatenate([nbytes, np.zeros(k)])
-    res = _run(c, [LinearConstraint(a, lo, np.inf)], upper, time_limit)
+    # without the byte row the system is totally unimodular (lagrangian.py): the LP is integral
+    res = milp(c, constraints=[LinearConstraint(a, lo, np.inf)], bounds=Bounds(0, upper))
     if res.x is None:
         raise RematError("no saved set is valid for this graph (a value the backward reads "
                          "can neither be saved nor recomputed)")
     return float(res.fun)
 
 
-def solve(problem: RematProblem, budget_bytes: float, time_limit: float = 10.0) -> RematSolution:
+EXACT_LIMIT = 3000
+
+
+def solve(problem: RematProblem, budget_bytes: float, time_limit: float = 10.0,
+          exact: bool | None = None) -> RematSolution:
+    """`exact`: force the MILP (True) or the Lagrangian (False); None picks by size."""
     t0 = time.perf_counter()
     names, a, lo, nbytes, cost, upper = _model(problem)
     k = len(names)
     if k == 0:
         return evaluate(problem, set(), time.perf_counter() - t0)
+    if exact is False or (exact is None and k > EXACT_LIMIT):
+        from .lagrangian import solve_lagrangian
+
+        saved, gap = solve_lagrangian(problem, (names, a, lo, nbytes, cost, upper), budget_bytes)
+        if saved is None:
+            _infeasible(problem, budget_bytes, time_limit)
+        return evaluate(problem, saved, time.perf_counter() - t0, gap)
     scale = max(float(cost.max()), 1e-12)
     tie = 1e-9 * scale / max(float(nbytes.sum()), 1.0)
-    c = np.concatenate([tie * nbytes, cost])
+    # normalised, so that HiGHS's absolute gap tolerance (1e-6) is not most of a small cost
+    c = np.concatenate([tie * nbytes, cost]) / scale
     cons = [LinearConstraint(a, lo, np.inf),
             LinearConstraint(np.concatenate([nbytes, np.zeros(k)])[None, :], -np.inf,
                              budget_bytes)]
     res = _run(c, cons, upper, time_limit)
     if res.x is None:
-        floor = smallest_feasible(problem, time_limit)
-        raise RematError(
+        _infeasible(problem, budget_bytes, time_limit)
+    saved = {names[i] for i in range(k) if res.x[i] > 0.5}
+    gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
+    return evaluate(problem, saved, time.perf_counter() - t0, gap)
+
+
+def _infeasible(problem: RematProblem, budget_bytes: float, time_limit: float):
+    floor = smallest_feasible(problem, time_limit)
+    raise RematError(
             f"memory_budget: no saved set keeps at most {budget_bytes:,.0f} bytes; the "
             f"smallest feasible budget is {floor:,.0f} bytes "
             f"({floor / max(problem.full_bytes, 1):.4f} of the {problem.full_bytes:,.0f} that "
             f"saving everything needs): values that may not be recomputed (random ops) "
             f"must be kept")
-    saved = {names[i] for i in range(k) if res.x[i] > 0.5}
-    gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
-    return evaluate(problem, saved, time.perf_counter() - t0, gap)
