@@ -87,22 +87,33 @@ COMPILE_TOL = 1e-3
 
 def compile_zoo_model(args) -> object:
     import meshweave
+    from meshweave.cli_quant import quant_compile_options, quantization_hint
+    from meshweave.passes.quant import QuantizationError
     from meshweave.progress import step
 
-    _, model, inputs = load_model(args.model, args.batch, args.seq,
-                                  num_layers=getattr(args, "num_layers", None))
+    spec, model, inputs = load_model(args.model, args.batch, args.seq,
+                                     num_layers=getattr(args, "num_layers", None))
     training = bool(getattr(args, "train", False))
     if training:
         model.train()
+    quant, notes = quant_compile_options(args, inputs, getattr(spec.config, "vocab_size", None))
+    for line in notes:
+        print(line)
     opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None),
-                                    training=training)
+                                    training=training, **quant)
     with step(f"compiling {args.model}"):
-        cm = meshweave.compile(model, inputs, options=opts)
+        try:
+            cm = meshweave.compile(model, inputs, options=opts)
+        except QuantizationError as e:
+            raise CLIError(quantization_hint(e, args.quantize)) from None
     return model, inputs, cm
 
 
 def _setup_compile(p):
+    from meshweave.cli_quant import add_quant_args
+
     _add_model_args(p)
+    add_quant_args(p)
     p.add_argument("--dump", metavar="DIR", help="write the IR after every pass under DIR")
     p.add_argument("--tol", type=float, default=COMPILE_TOL,
                    help=f"fail (exit 1) when |meshweave - eager| exceeds this (default "
@@ -113,12 +124,17 @@ def _setup_compile(p):
 def _compile(args) -> int:
     import torch
 
+    from meshweave.cli_quant import eager_references, reference_note
+
     model, inputs, cm = compile_zoo_model(args)
     print(cm.explain())
     with torch.no_grad():
-        expected, got = model(*inputs), cm(*inputs)
-    err = _max_error(expected, got, where=f"{args.model}, meshweave against eager")
-    print(f"max |meshweave - eager| = {err:.3e}")
+        got = cm(*inputs)
+    errors = []  # with --quantize: against the dequantized weights (checked), then the original
+    for label, expected in eager_references(model, cm, inputs):
+        errors.append(_max_error(expected, got, where=f"{args.model}, meshweave against {label}"))
+        print(f"max |meshweave - {label}| = {errors[-1]:.3e}{reference_note(label)}")
+    err = errors[0]
     if not err <= args.tol:  # NaN fails too
         print(f"check FAILED: beyond --tol {args.tol:g}", file=sys.stderr)
         return 1
@@ -223,7 +239,8 @@ def _load_plugins() -> None:
     """Commands of other components register themselves when their module is imported."""
     import importlib
 
-    for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts", "meshweave.cli_run"):
+    for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts", "meshweave.cli_run",
+                "meshweave.cli_lm"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

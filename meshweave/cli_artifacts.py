@@ -52,7 +52,10 @@ def _lower_rank(graph, plan, rank: int):
 
 # --------------------------------------------------------------------------------- export
 def _setup_export(p) -> None:
+    from meshweave.cli_quant import add_quant_args
+
     _add_model_args(p)
+    add_quant_args(p)
     p.add_argument(
         "--mesh",
         default=None,
@@ -94,18 +97,21 @@ def _export(args) -> int:
     result = export_onnx(
         cm, args.out, list(inputs), plan=plan, opset=args.opset or OPSET, verify=not args.no_verify
     )
+    if "quantization" in cm.artifacts:  # the explain line: layers and weight bytes saved
+        print(f"quantization: {cm.artifacts['quantization'].summary()}")
     print(result.summary())
     for path in result.paths:
         print(f"  {path}")
     print(f"  {result.manifest_path}")
     if not args.no_verify:
+        from meshweave.cli_quant import eager_references, reference_note
         from meshweave.runtime.compare import max_errors, tensor_leaves
 
-        with torch.no_grad():
-            expected = tensor_leaves(model(*inputs))
-        got = run_manifest(args.out, list(inputs))
-        errs = max_errors(expected, got, where=f"{result.manifest_path} against eager")
-        print(f"max |onnxruntime - eager| = {max(errs.values()):.3e}")
+        got = run_manifest(args.out, [x for x in inputs if isinstance(x, torch.Tensor)])
+        for label, expected in eager_references(model, cm, inputs):
+            errs = max_errors(tensor_leaves(expected), got,
+                              where=f"{result.manifest_path} against {label}")
+            print(f"max |onnxruntime - {label}| = {max(errs.values()):.3e}{reference_note(label)}")
     return 0
 
 
