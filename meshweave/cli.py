@@ -88,6 +88,7 @@ COMPILE_TOL = 1e-3
 def compile_zoo_model(args) -> object:
     import meshweave
     from meshweave.cli_quant import quant_compile_options, quantization_hint
+    from meshweave.ir.errors import MeshweaveError
     from meshweave.passes.quant import QuantizationError
     from meshweave.progress import step
 
@@ -99,14 +100,31 @@ def compile_zoo_model(args) -> object:
     quant, notes = quant_compile_options(args, inputs, getattr(spec.config, "vocab_size", None))
     for line in notes:
         print(line)
-    opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None),
-                                    training=training, **quant)
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None and not training:
+        raise CLIError("--memory-budget chooses what the backward recomputes: add --train")
+    try:
+        opts = meshweave.CompileOptions(backend=args.backend, dump_dir=getattr(args, "dump", None),
+                                        training=training, memory_budget=_budget(budget),
+                                        **quant)
+    except MeshweaveError as e:
+        raise CLIError(str(e)) from None
     with step(f"compiling {args.model}"):
         try:
             cm = meshweave.compile(model, inputs, options=opts)
         except QuantizationError as e:
             raise CLIError(quantization_hint(e, args.quantize)) from None
     return model, inputs, cm
+
+
+def _budget(text: str | None):
+    """--memory-budget 0.3 (a fraction) or 2GiB (a size), as CompileOptions takes it."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _setup_compile(p):
@@ -163,7 +181,10 @@ def _setup_dump(p):
                    help="--what plan / rank:N of this Plan JSON instead of one made for --mesh")
     p.add_argument("--train", action="store_true",
                    help="--what ir: compile the training step and print the forward and the "
-                        "backward graph")
+                        "backward graph; --what memory: measure its memory")
+    p.add_argument("--memory-budget", default=None, metavar="B",
+                   help="with --train: rematerialize under this budget, a fraction of the "
+                        "activation bytes saving everything needs (0.3) or a size (2GiB)")
 
 
 DUMPERS: dict[str, Callable] = {}
@@ -181,6 +202,18 @@ def dumper(name: str):
 def _dump_ir(args) -> str:
     cm = compile_zoo_model(args)[2]
     return cm.joint.describe() if cm.joint is not None else str(cm.graph)
+
+
+@dumper("memory")
+def _dump_memory(args) -> str:
+    """One training step's saved and peak bytes, measured and estimated (cm.memory_stats)."""
+    if not getattr(args, "train", False):
+        raise CLIError("--what memory measures a training step: add --train")
+    _, inputs, cm = compile_zoo_model(args)
+    stats = cm.memory_stats(*inputs)
+    lines = [line.strip() for line in cm.explain().splitlines() if "rematerialization" in line]
+    lines += [f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v}" for k, v in stats.items()]
+    return "\n".join(lines)
 
 
 @dumper("kernels")

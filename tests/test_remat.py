@@ -224,3 +224,29 @@ def test_the_lagrangian_route_is_valid_and_near_the_milp():
         assert opt.recompute_seconds <= lag.recompute_seconds * (1 + 1e-6) + 1e-15
         assert lag.recompute_seconds <= 1.5 * opt.recompute_seconds + 1e-12, (b, lag, opt)
         assert 0 <= lag.gap < 1
+
+
+def test_cli_dump_memory_measures_the_budgeted_step(capsys):
+    from meshweave.cli import main
+
+    assert main(["dump", "--model", "gpt-tiny", "--train", "--memory-budget", "0.3",
+                 "--what", "memory"]) == 0
+    out = capsys.readouterr().out
+    stats = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line
+                 and not line.startswith("rematerialization"))
+    measured = int(stats["saved_bytes_measured"].replace(",", ""))
+    full = int(stats["full_saved_bytes"].replace(",", ""))
+    assert 0 < measured <= 0.3 * full
+    assert "budget 0.3" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--train", "--memory-budget", "1.7"], "must lie in (0, 1]"),
+    (["--train", "--memory-budget", "lots"], "cannot read this size"),
+    (["--memory-budget", "0.5"], "add --train"),
+])
+def test_cli_rejects_bad_budgets(capsys, argv, msg):
+    from meshweave.cli import main
+
+    assert main(["dump", "--model", "gpt-tiny", "--what", "ir", *argv]) == 2
+    assert msg in capsys.readouterr().err
