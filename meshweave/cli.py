@@ -85,14 +85,24 @@ def preflight(name: str, spec) -> None:
 COMPILE_TOL = 1e-3
 
 
-def compile_zoo_model(args) -> object:
+# Dumps and plans of models with more fp32 weight bytes than this trace on the meta device.
+META_ABOVE_BYTES = 2**30
+
+
+def compile_zoo_model(args, device: str = "cpu") -> object:
+    """(model, inputs, CompiledModel) of --model. device="auto" (dumps and plans, which need
+    shapes, not weights) traces a model whose fp32 weights exceed META_ABOVE_BYTES on the meta
+    device, so that llama-70b compiles in about half a gigabyte; smaller ones trace on the CPU
+    (their IR is what `compile` runs: on meta, SDPA's output layout adds a clone)."""
     import meshweave
     from meshweave.cli_quant import quant_compile_options, quantization_hint
     from meshweave.ir.errors import MeshweaveError
     from meshweave.passes.quant import QuantizationError
     from meshweave.progress import step
 
-    spec, model, inputs = load_model(args.model, args.batch, args.seq,
+    if device == "auto":
+        device = "meta" if _weight_bytes(args) > META_ABOVE_BYTES else "cpu"
+    spec, model, inputs = load_model(args.model, args.batch, args.seq, device=device,
                                      num_layers=getattr(args, "num_layers", None))
     training = bool(getattr(args, "train", False))
     if training:
@@ -115,6 +125,16 @@ def compile_zoo_model(args) -> object:
         except QuantizationError as e:
             raise CLIError(quantization_hint(e, args.quantize)) from None
     return model, inputs, cm
+
+
+def _weight_bytes(args) -> int:
+    from meshweave.models import UnknownModelError, get_model_spec_with_layers
+
+    try:
+        spec = get_model_spec_with_layers(args.model, getattr(args, "num_layers", None))
+    except (UnknownModelError, ImportError, ValueError):
+        return 0  # load_model reports it
+    return spec.param_count() * 4
 
 
 def _budget(text: str | None):
@@ -200,7 +220,8 @@ def dumper(name: str):
 
 @dumper("ir")
 def _dump_ir(args) -> str:
-    cm = compile_zoo_model(args)[2]
+    # the inference IR of a big model needs no weights (the training step still builds them)
+    cm = compile_zoo_model(args, device="cpu" if getattr(args, "train", False) else "auto")[2]
     return cm.joint.describe() if cm.joint is not None else str(cm.graph)
 
 
@@ -273,7 +294,7 @@ def _load_plugins() -> None:
     import importlib
 
     for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts", "meshweave.cli_run",
-                "meshweave.cli_lm"):
+                "meshweave.cli_lm", "meshweave.cli_generate"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -315,7 +315,7 @@ def load_plan_file(path: str):
 def _dump_plan_for(args):
     from meshweave.cli import compile_zoo_model
 
-    _, _, cm = compile_zoo_model(args)
+    _, _, cm = compile_zoo_model(args, device="auto")  # plans need shapes, not weights
     if getattr(args, "plan_file", None):
         return cm.graph, load_plan_file(args.plan_file)
     text = getattr(args, "mesh", None) or "4"

@@ -46,6 +46,12 @@ class CompiledModel:
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._on_meta():
+            raise RuntimeError(
+                f"{self.model_name} was compiled on the meta device (shapes without weights): "
+                f"it can print, dump, plan, report and export ONNX structure, but not run; "
+                f"build the model with real weights (e.g. on 'cpu', or load a checkpoint) and "
+                f"compile it again to call it")
         if self.options.check_inputs:
             leaves = self.signature.flatten(args, kwargs)
         else:
@@ -58,6 +64,13 @@ class CompiledModel:
         outs = self._runner(leaves)
         outs = self._apply_mutations(outs, leaves)
         return pytree.tree_unflatten(outs, self.out_spec)
+
+    def _on_meta(self) -> bool:
+        meta = self.__dict__.get("_meta")
+        if meta is None:
+            meta = self._meta = any(getattr(t, "is_meta", False)
+                                    for t in self.graph.tensors.values())
+        return meta
 
     def _rank_module(self, leaves: list[Any]):
         """This rank's program of the plan (runtime/distributed/module.py), built at the first
