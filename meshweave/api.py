@@ -72,6 +72,7 @@ def compile(
     passes = _select_passes(options.passes) + _quant_passes(options, signature)
     optimized = run_pipeline(graph, passes, dump_dir=dump_dir, verify_each=options.verify)
     cm = CompiledModel(optimized, signature, ep.call_spec.out_spec, options, graph, name)
+    cm.source_model, cm.compile_fn = model, compile  # cm.generate compiles its steps
     if "quant" in optimized.meta:
         cm.artifacts["quantization"] = optimized.meta["quant"]
     _attach_backend(cm, options)

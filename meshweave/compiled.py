@@ -43,6 +43,8 @@ class CompiledModel:
         self.remat: dict[str, Any] = {}  # its partition: passes/remat/ problem and solution
         self.plan = None  # CompileOptions(mesh=...): the parallel Plan
         self._rank = None  # under the plan's process group: runtime.distributed RankModule
+        self.source_model = None  # the traced nn.Module and meshweave.compile (api.py):
+        self.compile_fn = None  # cm.generate compiles the model's KV-cache steps with them
 
     # --- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,6 +103,16 @@ class CompiledModel:
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,
                                     device=device)
         return self._rank
+
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
+                 max_batch: int | None = None, **kwargs: Any):
+        """Generate with compiled prefill/decode programs over a static KV cache (decoder LMs:
+        models/llama.py). method="greedy"|"sample"|"prompt_lookup"|"jacobi", temperature=,
+        top_p=, eos_token_id=, seed=; returns a runtime.generate.Generation."""
+        from meshweave.runtime.generate import generator_for
+
+        gen = generator_for(self, cache_len=cache_len, max_batch=max_batch)
+        return gen.generate(input_ids, max_new_tokens, **kwargs)
 
     # --- parameters ----------------------------------------------------------------------------
     def named_parameters(self):

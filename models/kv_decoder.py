@@ -1,0 +1,96 @@
+"""The zoo's rotary decoders (Llama, the trained small LM) as a functional KV-cache step.
+
+``KVDecoder(model)(input_ids [B, S], positions [B, S], k_cache, v_cache)`` returns
+``(logits [B, S, vocab], k_cache', v_cache')``. The caches are explicit inputs and outputs,
+``[layers, B, kv_heads, C, head_dim]``, so one torch.export trace holds the whole step with no
+mutation: meshweave.compile turns it into the prefill program (S = the padded prompt) and the
+decode program (S = 1, or k + 1 to verify k drafted tokens).
+
+The cache is static and indexed by position: the token at position p of a sequence writes
+slot p, and a query at position p sees slots 0..p. With prompts right-padded to one length,
+that mask alone is right: a real token never sees the padding after it, and the slot a pad
+token wrote is overwritten by the real token of that position before any query reaches it.
+For the same reason a rejected draft needs no cleanup: the next step rewrites its slot before
+reading it (rollback is not advancing the sequence's length). The weights are the wrapped
+model's own modules, so the step computes what the model computes, one position at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import apply_rope, repeat_kv
+
+
+class KVDecoder(nn.Module):
+    """One cached decoding step of a RotaryDecoder (models/llama.py: Llama, small_lm)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        cfg = getattr(model, "config", None)
+        needed = ("embed", "layers", "norm", "lm_head")
+        if cfg is None or not all(hasattr(model, n) for n in needed):
+            raise TypeError(
+                f"KVDecoder wraps a rotary decoder (models/llama.py RotaryDecoder: embed, "
+                f"layers, norm, lm_head and a config), got {type(model).__name__}")
+        attn = model.layers[0].attn
+        if not hasattr(attn, "q_proj"):
+            raise TypeError(f"KVDecoder: {type(model).__name__}'s layers have no grouped-query "
+                            f"attention (attn.q_proj/k_proj/v_proj/o_proj)")
+        self.model = model
+        self.num_layers = len(model.layers)
+        self.num_heads = attn.num_heads
+        self.num_kv_heads = attn.num_kv_heads
+        self.head_dim = attn.head_dim
+        self.rope_theta = float(cfg.rope_theta)
+        self.vocab_size = int(cfg.vocab_size)
+
+    def cache_shape(self, batch: int, capacity: int) -> tuple[int, ...]:
+        return (self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim)
+
+    def empty_cache(self, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
+        shape = self.cache_shape(batch, capacity)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(
+            shape, dtype=dtype, device=device)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        # The same table as models/layers.py rope_cos_sin, at per-sequence positions [B, S].
+        d = self.head_dim
+        inv_freq = 1.0 / self.rope_theta ** (
+            torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, S, 1, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor):
+        m = self.model
+        b, s = input_ids.shape
+        capacity = k_cache.shape[3]
+        x = m.embed(input_ids)
+        cos, sin = self._rope(positions, x.dtype)
+        slots = torch.arange(capacity, device=positions.device)
+        visible = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, C]
+        index = positions[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
+        n_rep = self.num_heads // self.num_kv_heads
+        new_k, new_v = [], []
+        for i, layer in enumerate(m.layers):
+            attn, h = layer.attn, layer.attn_norm(x)
+            q = attn.q_proj(h).view(b, s, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc = k_cache[i].scatter(2, index, k.transpose(1, 2))  # [B, KV, C, D]
+            vc = v_cache[i].scatter(2, index, v.transpose(1, 2))
+            new_k.append(kc)
+            new_v.append(vc)
+            keys = repeat_kv(kc.transpose(1, 2), n_rep).transpose(1, 2)  # [B, H, C, D]
+            values = repeat_kv(vc.transpose(1, 2), n_rep).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                               attn_mask=visible)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        logits = m.lm_head(m.norm(x))
+        return logits, torch.stack(new_k), torch.stack(new_v)
