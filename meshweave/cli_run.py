@@ -14,6 +14,10 @@ Named meshes ("dp=2,tp=2") imply the grid. Ranks run the planner's `lower_for_ra
 (`--lowering split`: the runtime's own data/pipeline split, no tensor parallelism).
 `--check` reruns the model on one device and compares every output (with `--train`: the
 losses and every parameter after the steps); it exits with status 1 on a mismatch.
+`--quantize w4c [--method gptq] [--quant-skip NAMES]` (cli_quant.py's flags, inference only)
+runs the quantized graph (`meshweave.compile(..., CompileOptions(quantize=...))`), its packed
+weights sharded by the planner (strategies/quant_rules.py); `--check` then compares with the
+model holding the dequantized weights on one device, which is what the graph computes.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ def _setup(p) -> None:
         help="planner's lower_for_rank, or the runtime's own dp/pp split",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
+    from meshweave.cli_quant import add_quant_args
+
+    add_quant_args(p)
 
 
 def grid_from_args(mesh_text: str, pp: int | None, kind: str | None) -> tuple[str, int, int, int]:
@@ -162,10 +169,35 @@ def _run(args) -> int:
         device=args.device,
         plan_file=args.plan_file,
         layers=args.num_layers,
+        **_quant_fields(args),
     )
     if under_torchrun():
         return _run_torchrun(spec, args.check)
     return _run_local(spec, args.check)
+
+
+def _quant_fields(args) -> dict:
+    """RunSpec's quantize/calibration from --quantize/--method/--quant-skip (cli_quant.py)."""
+    from meshweave.cli_quant import quant_compile_options
+
+    if args.quantize is not None and args.train:
+        raise CLIError("--quantize is weight-only quantization for inference; drop --train")
+    inputs, vocab = (), None
+    if args.quantize is not None and args.method == "gptq":  # calibration shaped like the inputs
+        from meshweave.models import UnknownModelError, build_model, get_model_spec
+
+        try:
+            inputs = build_model(args.model, batch=args.batch, seq=args.seq)[1]
+        except UnknownModelError as e:
+            raise CLIError(str(e)) from None
+        vocab = getattr(get_model_spec(args.model).config, "vocab_size", None)
+    options, notes = quant_compile_options(args, tuple(inputs), vocab)
+    for line in notes:
+        print(line)
+    if not options:
+        return {}
+    cal = options.get("calibration")
+    return {"quantize": options["quantize"], "calibration": tuple(cal) if cal else None}
 
 
 def _plan_file_size(path: str) -> int:
@@ -180,11 +212,16 @@ def _prepare(spec):
     from meshweave.progress import step
     from meshweave.runtime.distributed.runner import prepare
 
+    from meshweave.cli_quant import quantization_hint
+    from meshweave.passes.quant import QuantizationError
+
     try:
         with step(f"tracing and planning {spec.model}"):
             return prepare(spec)
     except UnknownModelError as e:
         raise CLIError(str(e)) from None
+    except QuantizationError as e:
+        raise CLIError(quantization_hint(e, spec.quantize.tag)) from None
 
 
 def _run_local(spec, check: bool) -> int:

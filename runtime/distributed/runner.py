@@ -73,6 +73,10 @@ class RunSpec:
     device: str = "cpu"  # where ranks compute: "cpu" (gloo) or "cuda" (NCCL, a GPU per rank)
     plan_file: str | None = None  # plan="file": a Plan JSON (devices: its world size)
     layers: int | None = None  # the model's layer count, when not the zoo config's
+    # Weight-only quantization (a meshweave.QuantConfig; inference only) and GPTQ's calibration
+    # batches: the traced graph is meshweave.compile's with CompileOptions(quantize=, calibration=)
+    quantize: Any = None
+    calibration: tuple | None = None
 
     def __post_init__(self):
         if self.plan not in PLAN_KINDS:
@@ -155,15 +159,27 @@ def _overrides(model_name: str, layers: int | None) -> dict:
     return {} if layers is None else {"num_layers": layers}
 
 
-def trace_model(model_name: str, batch: int, seq: int, layers: int | None = None):
-    """(model, global inputs, traced graph at `batch`); `layers` overrides the layer count."""
+def trace_model(model_name: str, batch: int, seq: int, layers: int | None = None,
+                quantize: Any = None, calibration: tuple | None = None):
+    """(model, global inputs, traced graph at `batch`); `layers` overrides the layer count;
+    `quantize` (a QuantConfig) quantizes the graph's linear layers (calibrated on
+    `calibration` batches for GPTQ)."""
     from meshweave.models import build_model
-
-    import meshweave
 
     model, inputs = build_model(model_name, batch=batch, seq=seq,
                                 **_overrides(model_name, layers))
-    return model, list(inputs), meshweave.compile(model, tuple(inputs)).graph
+    return model, list(inputs), _compiled_graph(model, tuple(inputs), quantize, calibration)
+
+
+def _compiled_graph(model, inputs: tuple, quantize: Any = None, calibration=None) -> Graph:
+    import meshweave
+
+    if quantize is None:
+        return meshweave.compile(model, inputs).graph
+    model.eval()
+    opts = meshweave.CompileOptions(quantize=quantize, calibration=list(calibration or ()))
+    with torch.no_grad():
+        return meshweave.compile(model, inputs, options=opts).graph
 
 
 def next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
@@ -185,7 +201,11 @@ def prepare(spec: RunSpec, traced=None, cache: dict | None = None) -> Job:
             "the planner's lowering (passes/parallel/lower/) is not "
             "available; use lowering='split' (data/pipeline parallel only)"
         )
-    model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq, spec.layers)
+    if spec.quantize is not None and spec.training:
+        raise DistributedError("quantize is weight-only quantization for inference; "
+                               "it cannot be combined with training")
+    model, inputs, graph = traced or trace_model(spec.model, spec.batch, spec.seq, spec.layers,
+                                                 spec.quantize, spec.calibration)
     if lowering == "split":
         plan, graph = _split_plan(spec, model, inputs, graph, cache)
     else:
@@ -258,9 +278,10 @@ def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
     if local != spec.batch:
         import meshweave
 
-        key = (spec.model, local, spec.seq)
+        key = (spec.model, local, spec.seq, spec.quantize)
         if cache is None or key not in cache:
-            graph = meshweave.compile(model, tuple(x[:local] for x in inputs)).graph
+            graph = _compiled_graph(model, tuple(x[:local] for x in inputs), spec.quantize,
+                                    spec.calibration)
             if cache is not None:
                 cache[key] = graph
         graph = cache[key] if cache is not None else graph
@@ -457,6 +478,10 @@ def run_single_device(job: Job) -> RunResult:
     spec = job.spec
     model = get_model_spec(spec.model, **_overrides(spec.model, spec.layers)).build(seed=0).eval()
     model.load_state_dict(job.model_state)
+    if "quant" in job.graph.meta:  # what the quantized graph computes: the dequantized weights
+        from ...passes.quant import dequantized_model
+
+        model = dequantized_model(model, job.graph)
     if not spec.training:
         with torch.no_grad():
             return RunResult(_tensor_leaves(model(*job.inputs)), [], {})

@@ -50,8 +50,8 @@ _NO_SAVE = {"view", "sym", "constant", "assert", "creation"}
 
 def compute_dtype(graph: Graph, spec: HardwareSpec) -> str:
     """The dtype the math runs in: the parameters' (fp16 on devices without bf16 math)."""
-    for v in graph.inputs:
-        if v.kind == "param" and isinstance(v.type, TensorType):
+    for v in graph.inputs:  # packed quantized weights (int32 words, uint8 zeros) do not count
+        if v.kind == "param" and isinstance(v.type, TensorType) and v.type.dtype.is_floating_point:
             dt = canonical_dtype(v.type.dtype)
             if dt in spec.flops:
                 return dt

@@ -5,7 +5,9 @@ output types and the output placements, and returns the local output Values. Mos
 only local shapes in their size arguments; the others:
 
   linear / addmm  with a Partial output (row parallel): the bias is added on one rank of the
-                  group only (the others run without it: linear without bias, mm for addmm)
+  / quant.linear  group only (the others run without it: linear without bias, mm for addmm,
+                  quant.linear with bias None); packed quant.linear weights need no rewrite
+                  (their shards are row or column slices of the int32 words, shard_specs)
   embedding       vocab parallel (weight sharded on rows, output Partial): look up local rows,
                   zero the rows of ids outside this rank's vocabulary range
   mean            over a sharded dim (output Partial): scale the local mean by 1 / shards
@@ -23,6 +25,7 @@ from meshweave.ir.registry import RuleTable
 from meshweave.ir.sharding import Partial, Replicate, Shard
 from meshweave.ir.types import TensorType
 from .setup import LoweringError, LoweringSetup
+from ..strategies.axis import node_inputs
 
 LOWERING_RULES = RuleTable("parallel_lowering")
 
@@ -96,6 +99,25 @@ def linear_rule(rl, n, args, kwargs, out_types, out_pls):
     ):
         return rl.emit_like(n, n.op, (args[0], args[1]), {}, out_types, out_pls)
     return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+@LOWERING_RULES.register("quant.linear")
+def quant_linear_rule(rl, n, args, kwargs, out_types, out_pls):
+    bias = args[4] if len(args) > 4 else kwargs.get("bias")
+    if (
+        isinstance(bias, Value)
+        and _partial_axes(out_pls[0])
+        and not _keeps_bias(rl, out_pls[0], rl.su.in_pl[n][_input_index(n, 4, "bias")])
+    ):
+        args = tuple(args[:4]) + (None,) + tuple(args[5:]) if len(args) > 4 else args
+        kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+    return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+
+
+def _input_index(n: Node, i: int, name: str) -> int:
+    """Position in node.inputs (in_pl's order) of tensor argument i / keyword `name`."""
+    v = n.args[i] if i < len(n.args) else n.kwargs.get(name)
+    return node_inputs(n).index(v)
 
 
 @LOWERING_RULES.register("aten.addmm.default")

@@ -33,6 +33,7 @@ from ..intra_op.problem import IntraOpProblem, Strategy
 from .layers import LayerStructure, find_layers
 from ..strategies.axis import node_inputs
 from ..strategies.node_strategies import BatchInfo, PlanningError, concrete_types, infer_batch_dims
+from ..strategies.quant_rules import check_pins as check_quant_pins
 
 Key = Hashable  # a Node, or a graph-input Value
 
@@ -203,6 +204,7 @@ class RawProblem:
                     f"({self.model.mesh.ndim})"
                 )
             out[self.ctx.rep_value(by_name[name])] = tuple(parse_placement(t) for t in texts)
+        check_quant_pins(self.ctx.graph, out, self.model.mesh.shape, self.ctx.types)
         return out
 
     def _inputs(self, pins: dict[Value, tuple]) -> None:

@@ -8,8 +8,8 @@ products of per-axis strategies (node_strategies.py), checked there for divisibi
 
 This module holds the vocabulary (AxisStrategy, OpView) and the two tables: `SHARDING_RULES`
 keyed by op name, and `CATEGORY_RULES` keyed by op category for ops without a rule of their
-own. The rules themselves register from compute_rules.py and shape_rules.py (the package's
-__init__ loads both):
+own. The rules themselves register from compute_rules.py, shape_rules.py and quant_rules.py
+(the package's __init__ loads them):
 
   pointwise        follow the (broadcast) inputs; add/sub (and aliases) also carry Partial
   linear/mm/addmm  batch dims, Megatron column (weight S(0)) and row (weight S(1) -> Partial)
@@ -19,6 +19,7 @@ __init__ loads both):
   views            track dimensions through split/merge groups (only a group's major dim);
                    these and the other data-movement/creation rules: shape_rules.py
   reductions/norms/softmax  shard any dim they do not reduce; sum/mean over it -> Partial
+  quant.linear     batch, column (packed weight columns), row at group boundaries (-> Partial)
 Ops without a rule run replicated. Tags name strategies ("col", "row", "vocab", "heads",
 "batch", "expert", "follow") for the Megatron heuristic and for dumps.
 """
