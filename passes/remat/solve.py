@@ -170,8 +170,8 @@ def solve(problem: RematProblem, budget_bytes: float, time_limit: float = 10.0,
 def _infeasible(problem: RematProblem, budget_bytes: float, time_limit: float):
     floor = smallest_feasible(problem, time_limit)
     raise RematError(
-            f"memory_budget: no saved set keeps at most {budget_bytes:,.0f} bytes; the "
-            f"smallest feasible budget is {floor:,.0f} bytes "
-            f"({floor / max(problem.full_bytes, 1):.4f} of the {problem.full_bytes:,.0f} that "
-            f"saving everything needs): values that may not be recomputed (random ops) "
-            f"must be kept")
+        f"memory_budget: no saved set keeps at most {budget_bytes:,.0f} bytes; the "
+        f"smallest feasible budget is {floor:,.0f} bytes "
+        f"({floor / max(problem.full_bytes, 1):.4f} of the {problem.full_bytes:,.0f} that "
+        f"saving everything needs): values that may not be recomputed (random ops) "
+        f"must be kept")
