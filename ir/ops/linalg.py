@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..registry import register_op
 from ..types import TensorType
 from .common import broadcast_shapes, numel
@@ -124,3 +126,13 @@ def _conv_flops(args, kwargs, outs):
 
 
 register_op("aten.convolution.default", shape=_conv_rule, flops=_conv_flops, category="conv")
+
+
+# The fused attention kernels that torch's decompositions call (in AOTAutograd's joint graphs
+# and their forward programs): the same FLOPs as the public op. They return tuples (output,
+# logsumexp, and on CUDA RNG state and sequence lengths), whose types the traced values carry,
+# so no shape rule is registered.
+for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+    if hasattr(torch.ops.aten, _name):
+        register_op(f"aten.{_name}.default", flops=_sdpa_flops, category="attention")

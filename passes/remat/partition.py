@@ -55,8 +55,11 @@ def remat_partition(budget: MemoryBudget | None, spec, report: dict[str, Any]) -
         syms = [nodes[n] for n in sol.saved if problem.candidates[n].sym]
         fw, bw = _extract_fwd_bwd_modules(joint, primals + tensors, saved_sym_nodes=syms,
                                           num_fwd_outputs=num_fwd_outputs)
+        # torch's own call (is_impure_node=is_not_collective) keeps every non-collective
+        # node, so a forward node copied into the backward but read by nothing (a fused
+        # attention whose outputs were all saved) would run again: drop dead nodes there
         fw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
-        bw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
+        bw.graph.eliminate_dead_code(is_impure_node=_keep)
         fw.recompile()
         bw.recompile()
         report["solution"] = sol
@@ -64,6 +67,18 @@ def remat_partition(budget: MemoryBudget | None, spec, report: dict[str, Any]) -
         return fw, bw
 
     return partition
+
+
+def _keep(n: fx.Node) -> bool:
+    """Backward nodes dead-code elimination must keep: mutations and other side effects, and
+    collectives (every rank of a group issues them, read or not). A dead copy of a seeded op
+    goes: the forward drew its numbers, and the backward reads what was saved."""
+    if getattr(n.target, "namespace", None) == "_c10d_functional":
+        return True
+    try:
+        return n.is_impure(impure_random=False)
+    except TypeError:  # older torch: no impure_random argument
+        return n.is_impure()
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

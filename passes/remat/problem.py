@@ -2,18 +2,22 @@
 
     problem = build_problem(joint_module, num_fwd_outputs, spec)
 
-Every node the forward can compute (it does not depend on a tangent) is a candidate. The
+Every node the forward output needs is a candidate (nodes neither the forward's outputs need
+nor a tangent reaches run in the backward, as torch's default partition places them). The
 backward reads some of them directly (`needed`): each of those is either saved or recomputed,
 and a recomputed node needs each of its forward inputs saved or recomputed in turn. Parameters
 and the call's inputs are alive anyway: reading them costs nothing. Per candidate:
 
-  nbytes     bytes kept if saved (a view of a parameter or input: 0; a view of an activation:
-             its base's bytes, since saving the view keeps the base's storage)
+  nbytes     bytes kept if saved (a view of a parameter or input, or a forward output: 0). A view of an activation
+             names in `base` the candidate owning its storage: saving the view would keep that
+             whole storage, so the base is saved instead and the view recomputed from it (for
+             free), as torch's min-cut partitioner does; the bytes count once at the base
   cost       seconds to recompute it, from the registry's FLOP and byte rules and the
              hardware spec's roofline (meshweave's cost model)
   flops      FLOPs to recompute it (what the benchmark reports)
-  recompute  False for random ops (recomputing would draw new numbers), mutations, collectives
-             and nodes torch tags must-be-in-forward: those are saved or not needed at all
+  recompute  False for random ops (recomputing would draw new numbers; a fused attention with
+             dropout_p 0 draws nothing and may be recomputed), mutations, collectives and
+             nodes torch tags must-be-in-forward: those are saved or not needed at all
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Candidate:
     tensor: bool  # a tuple-valued node (read through getitem) cannot be saved itself
     sym: bool = False  # a SymInt: saved beside the tensors, for free
     source: str = ""
+    base: str | None = None  # the candidate owning this view's storage (its bytes count there)
 
 
 @dataclasses.dataclass
@@ -55,7 +60,12 @@ class RematProblem:
     @property
     def full_bytes(self) -> float:
         """What saving everything the backward reads keeps: the budget's 100%."""
-        return sum(self.candidates[n].nbytes for n in self.needed)
+        return self.storage_bytes(self.needed)
+
+    def storage_bytes(self, saved) -> float:
+        """Bytes kept by saving `saved`: each storage once (a view's counts at its base)."""
+        c = self.candidates
+        return sum(c[n].nbytes for n in {c[v].base or v for v in saved})
 
 
 def _is_primal(n: fx.Node) -> bool:
@@ -88,12 +98,29 @@ def _recomputable(n: fx.Node) -> bool:
     if n.meta.get("partitioner_tag") == "must_be_in_forward":
         return False
     if isinstance(t, torch._ops.OpOverload):
-        if torch.Tag.nondeterministic_seeded in t.tags or t._schema.is_mutable:
+        if t._schema.is_mutable:
+            return False
+        if torch.Tag.nondeterministic_seeded in t.tags and not _no_dropout(n):
             return False
         if t.namespace in _COLLECTIVE_NAMESPACES:
             return False
         return True
     return t is operator.getitem
+
+
+def _no_dropout(n: fx.Node) -> bool:
+    """A seeded op that draws nothing: its `dropout_p` argument is 0 (fused attention in
+    eval, or a model without attention dropout), so a recomputation is exact."""
+    for i, arg in enumerate(n.target._schema.arguments):
+        if arg.name == "dropout_p":
+            if arg.name in n.kwargs:
+                p = n.kwargs[arg.name]
+            elif i < len(n.args):
+                p = n.args[i]
+            else:
+                p = arg.default_value
+            return isinstance(p, (int, float)) and p == 0
+    return False
 
 
 def _cost(n: fx.Node, spec) -> tuple[float, float]:
@@ -136,8 +163,19 @@ def build_problem(joint: fx.GraphModule, num_fwd_outputs: int, spec) -> RematPro
     from torch._functorch.partitioners import classify_nodes
 
     info = classify_nodes(joint, [], num_fwd_outputs)
-    backward = info.required_bw_nodes
+    # Nodes no forward output needs and no tangent reaches (`t` of a weight, the pow of a
+    # norm's rsqrt that its gradient formula reads) run in the backward, as torch's default
+    # partition places them: computing them there is not a recomputation, and saving them
+    # instead would count bytes the budget's 100% should not hold. Random or mutating ones
+    # stay forward candidates, and so do getitems (a tuple cannot be saved: its items are).
+    backward = set(info.required_bw_nodes) | {
+        n for n in info.unclaimed_nodes if n.op == "call_function" and _recomputable(n)
+        and n.target is not operator.getitem}
     primals = {n for n in joint.graph.nodes if _is_primal(n)}
+    # the forward's own outputs exist after it whatever is saved: keeping one costs nothing
+    out = next(n for n in joint.graph.nodes if n.op == "output")
+    outputs = {a for a in fx.node.map_arg(out.args[0], lambda a: a)[:num_fwd_outputs]
+               if isinstance(a, fx.Node)}
     # what each node's storage belongs to: a view's base (a parameter's views cost nothing)
     base: dict[fx.Node, fx.Node] = {}
     cands: dict[str, Candidate] = {}
@@ -150,12 +188,12 @@ def build_problem(joint: fx.GraphModule, num_fwd_outputs: int, spec) -> RematPro
                 _VIEW_OPS) and src is not None:
             base[n] = base.get(src, src)
         root = base.get(n, n)
+        owner = None
         if root in primals:
             nbytes = 0.0
-        elif root is not n:
-            rv = root.meta.get("val")
-            nbytes = max(_nbytes(rv), _nbytes(val)) if isinstance(rv, torch.Tensor) \
-                else _nbytes(val)
+        elif root is not n and root.name in cands and cands[root.name].tensor:
+            nbytes, owner = 0.0, root.name
+            cands[root.name].nbytes = max(cands[root.name].nbytes, _nbytes(val))
         else:
             nbytes = _nbytes(val)
         seconds, flops = _cost(n, spec)
@@ -165,7 +203,11 @@ def build_problem(joint: fx.GraphModule, num_fwd_outputs: int, spec) -> RematPro
             recompute=_recomputable(n),
             inputs=[a.name for a in n.all_input_nodes if a.name in cands],
             tensor=isinstance(val, torch.Tensor) or sym,
-            sym=sym, source=_source(n))
+            sym=sym, source=_source(n), base=owner)
+    for o in outputs:  # an output's storage (or its view's base) is held by the caller
+        r = base.get(o, o)
+        if r.name in cands:
+            cands[r.name].nbytes = 0.0
     needed, free = [], []
     for n in joint.graph.nodes:
         if n in backward or n.op == "output":

@@ -7,6 +7,8 @@ Variables per candidate v: s_v (saved) and r_v (recomputed in the backward), bot
     minimise   sum_v cost_v r_v  (+ a tie-break of 1e-9 per saved byte share)
     subject to s_v + r_v >= 1            for every v the backward reads
                s_u + r_u >= r_v          for every forward input u of a recomputed v
+               s_v = 0  where v is a view of an activation b (saving it would keep b's
+                        storage: b is saved instead, and v recomputed from it for free)
                sum_v nbytes_v s_v <= B
                r_v = 0  where v may not be recomputed (random, mutating, collective)
                s_v = 0  where v is a tuple (its getitems are saved instead)
@@ -74,7 +76,7 @@ def evaluate(problem: RematProblem, saved: set[str], seconds: float = 0.0,
     kept = [n for n in c if n in saved]
     return RematSolution(
         saved=kept, recomputed=rec,
-        saved_bytes=sum(c[n].nbytes for n in kept), full_bytes=problem.full_bytes,
+        saved_bytes=problem.storage_bytes(kept), full_bytes=problem.full_bytes,
         recompute_seconds=sum(c[n].cost for n in rec),
         recompute_flops=sum(c[n].flops for n in rec), gap=gap, solve_seconds=seconds)
 
@@ -106,7 +108,7 @@ def _model(problem: RematProblem):
     cost = np.array([problem.candidates[n].cost for n in names])
     upper = np.ones(2 * k)
     for n, cand in problem.candidates.items():
-        if not cand.tensor:
+        if not cand.tensor or cand.base is not None:
             upper[idx[n]] = 0.0
         if not cand.recompute:
             upper[k + idx[n]] = 0.0
