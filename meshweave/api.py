@@ -110,9 +110,11 @@ MEGATRON_AXES = ("dp", "tp", "pp")
 
 
 def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
-             hardware: str = "h100", micro_batches: int = 1):
+             hardware: str = "h100", micro_batches: int = 1,
+             memory_budget: float | None = None):
     """The Plan of `graph` on `mesh` (a DeviceMesh): a mesh named only by dp/tp/pp axes gets
-    that Megatron layout; any other mesh (or a device count) goes to the planner's search.
+    that Megatron layout; any other mesh (or a device count) goes to the planner's search
+    (under `memory_budget` bytes per device, when given: plan_parallel's).
     `batch` defaults to the batch the graph was traced at."""
     from meshweave.ir.mesh import DeviceMesh
 
@@ -131,7 +133,8 @@ def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
     from meshweave.passes.parallel.strategies.node_strategies import infer_batch_dims
 
     batch = batch or infer_batch_dims(graph).traced_batch
-    return plan_parallel(graph, mesh, hardware, batch=batch, training=training)
+    return plan_parallel(graph, mesh, hardware, batch=batch, training=training,
+                         memory_budget=memory_budget)
 
 
 def _attach_training(cm, model, ep, args, kwargs, options) -> None:
@@ -156,20 +159,31 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
     kw = {"make_runner": _triton_runner(options)} if cm.backend == "triton" else {}
     cm.remat = remat = {}
-    kw["partition"] = _remat_partition(options, remat)
+    kw["partition"] = _remat_partition(options, remat, _leaf_device(leaves))
     kw["recomputed"] = lambda: remat.get("recomputed", [])
     cm.joint = build_joint(ep, leaves, cm.model_name, eager_fallback=options.eager_fallback,
                            optimize=optimize, **kw)
 
 
-def _remat_partition(options, report):
-    """The rematerialization pass (passes/remat/) as the joint graph's partition function."""
+def _leaf_device(leaves) -> str:
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            return x.device.type
+    return "cpu"
+
+
+def _remat_partition(options, report, device: str = "cpu"):
+    """The rematerialization pass (passes/remat/) as the joint graph's partition function.
+    Recompute is priced on options.hardware, or on the device the step runs on: the "cpu"
+    preset for CPU tensors (where a matmul is compute-bound at sizes an H100 would find
+    memory-bound), h100 otherwise."""
     from meshweave.passes.parallel.cost.hardware import get_spec
     from meshweave.passes.remat.budget import MemoryBudget
     from meshweave.passes.remat.partition import remat_partition
 
     budget = None if options.memory_budget is None else MemoryBudget.parse(options.memory_budget)
-    return remat_partition(budget, get_spec(options.hardware or "h100"), report)
+    hardware = options.hardware or ("cpu" if device == "cpu" else "h100")
+    return remat_partition(budget, get_spec(hardware), report)
 
 
 def _triton_runner(options):

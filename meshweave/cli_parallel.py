@@ -4,8 +4,12 @@
         --seq 1024 --train [--json]
     meshweave plan --model llama-70b --mesh 8x8 --spec h100 --batch 512 --seq 2048 --train
     meshweave calibrate --out my_gpu.json [--comm]
-    meshweave dump --model gpt-tiny --what plan [--mesh 4 | --mesh 2x2 | --mesh dp=2,tp=2]
+    meshweave dump --model gpt-tiny --what plan --mesh 4    # or 2x2, dp=2,tp=2, --plan-file F
     meshweave dump --model gpt-tiny --what rank:1 --mesh tp=2
+
+The planning flags (--mesh, --spec, --train, --batch, --seq, --dtype, --memory-gib, ...) are
+cli_flags.py's, the same on plan, report, run, export and dump; `plan` searches every mesh
+it is given (a count or a shape, named or not) and chooses the micro-batches itself.
 
 `plan` builds the model on the meta device (no weight memory). Models deeper than
 `--layers` (default 2 repeated layers) are traced with that many and the planner scales the
@@ -20,30 +24,15 @@ import os
 import time
 
 from meshweave.cli import CLIError, command, dumper
+from meshweave.cli_flags import load_plan_file
 
 
 # ------------------------------------------------------------------------------------ plan
 def _setup_plan(p) -> None:
+    from meshweave.cli_flags import add_planning_args
+
     p.add_argument("--model", required=True, help="zoo model name (`meshweave models`)")
-    p.add_argument(
-        "--mesh",
-        required=True,
-        help="device count ('2048': the planner picks pp x dp x tp) or a fixed mesh ('8x8')",
-    )
-    p.add_argument(
-        "--spec",
-        default="h100",
-        help="hardware preset (h100, h200, a100, ascend910, cpu) or a spec JSON path",
-    )
-    p.add_argument("--batch", type=int, default=8, help="global batch per step (default 8)")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
-    p.add_argument("--train", action="store_true", help="plan a training step (default: inference)")
-    p.add_argument(
-        "--dtype",
-        default="float16",
-        choices=["float16", "bfloat16", "float32"],
-        help="parameter/compute dtype (default float16: mixed precision)",
-    )
+    add_planning_args(p)  # --mesh (required here), --spec, --batch, --seq, --train, ...
     p.add_argument(
         "--layers",
         type=int,
@@ -72,30 +61,15 @@ def _setup_plan(p) -> None:
         default=20.0,
         help="search seconds before the planner stops refining (default 20)",
     )
-    p.add_argument(
-        "--memory-gib",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="memory per device a plan may use, in GiB (default: the spec's usable memory); "
-        "below the replicated footprint the planner must shard, pipeline or recompute",
-    )
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Plan JSON here")
 
 
 def _parse_mesh(text: str):
-    from meshweave.ir.mesh import DeviceMesh
+    """--mesh: a device count or a DeviceMesh (cli_flags.parse_mesh; benchmarks import it)."""
+    from meshweave.cli_flags import parse_mesh
 
-    text = text.strip()
-    if text.isdigit():
-        if int(text) < 1:
-            raise CLIError(f"--mesh {text}: need at least one device")
-        return int(text)
-    try:
-        return DeviceMesh.parse(text)
-    except ValueError as e:
-        raise CLIError(f"--mesh {text!r}: {e}") from None
+    return parse_mesh(text)
 
 
 def _parse_pins(items: list[str]) -> dict[str, tuple[str, ...]]:
@@ -176,19 +150,15 @@ def trace_for_planning(
     _setup_plan
 )
 def _plan(args) -> int:
+    from meshweave.cli_flags import resolve_planning
     from meshweave.passes.parallel.cost.hardware import get_spec
     from meshweave.passes.parallel.search.search import plan_parallel
 
-    try:
-        spec = get_spec(args.spec)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    mesh = _parse_mesh(args.mesh)
+    resolve_planning(args, "plan", needs="mesh", search=True, unsupported={
+        "--plan-file": "plan writes a plan (--out FILE); report, run, export and dump read it"})
+    spec = get_spec(args.spec)
+    mesh = args.mesh_value
     pins = _parse_pins(args.pin)
-    if args.batch < 1 or args.seq < 1:
-        raise CLIError("--batch and --seq must be positive")
-    if args.memory_gib is not None and not args.memory_gib > 0:
-        raise CLIError(f"--memory-gib {args.memory_gib}: must be positive")
     budget = args.memory_gib * 2**30 if args.memory_gib is not None else None
     t0 = time.perf_counter()
     graph, repeats, note = trace_for_planning(
@@ -209,6 +179,8 @@ def _plan(args) -> int:
     )
     plan.search["trace_seconds"] = t_trace
     plan.search["model"] = args.model
+    plan.search["trace_layers"] = args.layers  # graph_for_plan traces the same way again
+    plan.search["seq"] = args.seq
     if note:
         plan.search["note"] = note
     text = plan.to_json()
@@ -299,46 +271,115 @@ def _calibrate(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- dumps
-def load_plan_file(path: str):
-    """A Plan from its JSON file, or a one-line CLIError saying what is wrong with it."""
-    from meshweave.passes.parallel.plan import Plan
+def plan_for_mesh(
+    graph,
+    mesh_text: str,
+    *,
+    micro_batches: int = 1,
+    training: bool = False,
+    batch: int = 2,
+    hardware: str = "h100",
+    memory_budget: float | None = None,
+):
+    """A Plan for `graph` on the mesh `mesh_text`: a device count ('64') or a mesh whose axes
+    are not all dp/tp/pp goes to the planner's search (as `meshweave plan --mesh 64`), a mesh
+    named by dp/tp/pp ('tp=2', 'dp=2,tp=2,pp=2') gets that Megatron layout (api.plan_for)."""
+    from meshweave.cli_flags import parse_mesh
 
+    mesh = parse_mesh(mesh_text)
     try:
-        with open(path) as f:
-            return Plan.from_json(f.read())
-    except OSError as e:
-        raise CLIError(f"--plan-file {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CLIError(f"--plan-file {path}: not a meshweave Plan JSON ({e})") from None
+        from meshweave.api import plan_for
+
+        return plan_for(graph, mesh, micro_batches=micro_batches, training=training,
+                        batch=batch, hardware=hardware, memory_budget=memory_budget)
+    except ImportError as e:
+        raise CLIError(f"parallel planning is not available in this build ({e})") from None
+
+
+def plan_from_args(graph, args):
+    """The Plan of the resolved planning flags (cli_flags.resolve_planning): --plan-file's,
+    or one made for --mesh; None without either."""
+    if getattr(args, "plan_value", None) is not None:
+        return args.plan_value
+    if getattr(args, "mesh", None) is None:
+        return None
+    gib = getattr(args, "memory_gib", None)
+    return plan_for_mesh(graph, args.mesh, micro_batches=args.micro_batches,
+                         training=args.train, batch=args.batch, hardware=args.spec,
+                         memory_budget=gib * 2**30 if gib is not None else None)
+
+
+def forward_args(args):
+    """`args` with --train off: the commands that plan a training step trace its forward
+    (the planner costs the backward itself)."""
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), "train": False})
+
+
+def graph_for_plan(args, plan):
+    """The graph whose value names a Plan JSON's placements refer to, traced on the meta
+    device. A plan of `meshweave plan` (its search has trace_seconds) was made on
+    trace_for_planning's trace: a few repeated layers at the plan's dtype (float16 adds casts,
+    hence other names), which is traced again. Any other plan goes with --model's own trace
+    (device="auto"). A plan of another model, or placements that name no value of the
+    graph, are a one-line error."""
+    from meshweave.cli import compile_zoo_model
+
+    s = plan.search if isinstance(plan.search, dict) else {}
+    where = f"--plan-file {getattr(args, 'plan_file', None)}"
+    if "trace_seconds" in s:
+        if s.get("model") and s["model"] != args.model:
+            raise CLIError(f"{where} is a plan of {s['model']}, not of --model {args.model}")
+        layers = s.get("trace_layers", s.get("traced_layers", 0) if s.get("reduced_trace")
+                       else 0)
+        seq = s.get("seq") or args.seq  # constant folding differs with the length: names too
+        graph, _, note = trace_for_planning(args.model, s.get("batch") or args.batch, seq,
+                                            s.get("dtype", "float16"), layers,
+                                            getattr(args, "num_layers", None))
+        if note:
+            graph.meta["trace_note"] = note
+    else:
+        graph = compile_zoo_model(args, device="auto")[2].graph
+    names = {v.name for v in graph.all_values()}
+    missing = [k for k in plan.placements if k not in names]
+    if missing:
+        raise CLIError(f"{where}: {len(missing)} of its placements ({', '.join(missing[:3])}"
+                       f"{', ...' if len(missing) > 3 else ''}) name no value of "
+                       f"{args.model}'s trace: make the plan again for this model, "
+                       f"`meshweave plan --model {args.model} --mesh N --out FILE` (or give "
+                       f"the --seq it was made at)")
+    return graph
+
+
+def planning_graph(args, layers: int = 2):
+    """--model's graph for planning a fixed mesh without weights. A model over
+    META_ABOVE_BYTES is traced as `meshweave plan` traces it: `layers` repeated layers on the
+    meta device, which the planner costs at the real depth (graph.meta["repeated_layers"];
+    llama-70b in a few seconds rather than a minute for all 80); a smaller one is
+    compile_zoo_model(args, device="auto")'s full trace."""
+    from meshweave.cli import META_ABOVE_BYTES, _weight_bytes, compile_zoo_model
+
+    if _weight_bytes(args) <= META_ABOVE_BYTES:
+        return compile_zoo_model(args, device="auto")[2].graph
+    graph, _, note = trace_for_planning(args.model, args.batch, args.seq,
+                                        getattr(args, "dtype", None) or "float32", layers,
+                                        getattr(args, "num_layers", None))
+    if note:
+        graph.meta["trace_note"] = note
+    return graph
 
 
 def _dump_plan_for(args):
     from meshweave.cli import compile_zoo_model
 
-    _, _, cm = compile_zoo_model(args, device="auto")  # plans need shapes, not weights
+
     if getattr(args, "plan_file", None):
-        return cm.graph, load_plan_file(args.plan_file)
-    text = getattr(args, "mesh", None) or "4"
-    from meshweave.ir.mesh import DeviceMesh
-
-    try:
-        if text.strip().isdigit():
-            mesh = int(text)
-        else:
-            mesh = DeviceMesh.parse(text)
-    except ValueError as e:
-        raise CLIError(f"--mesh {text!r}: {e}") from None
-    names = getattr(mesh, "axis_names", None)
-    if names is not None and set(names) <= {"dp", "tp", "pp"}:
-        from meshweave.passes.parallel.search.megatron_grid import megatron_plan
-
-        size = {n: mesh.axis_size(n) for n in names}
-        return cm.graph, megatron_plan(
-            cm.graph, size.get("dp", 1), size.get("tp", 1), size.get("pp", 1), batch=args.batch
-        )
-    from meshweave.passes.parallel.search.search import plan_parallel
-
-    return cm.graph, plan_parallel(cm.graph, mesh, "h100", batch=args.batch)
+        plan = load_plan_file(args.plan_file)
+        return graph_for_plan(forward_args(args), plan), plan
+    # plans need shapes, not weights; a training plan costs the backward of the forward trace
+    _, _, cm = compile_zoo_model(forward_args(args), device="auto")
+    return cm.graph, plan_from_args(cm.graph, args)  # --mesh, as report and export plan it
 
 
 @dumper("plan")
@@ -373,4 +414,7 @@ def _dump_rank(args) -> str:
         raise CLIError(f"--what rank:{rank}: the plan has {plan.world_size} ranks")
     lowered = lower_for_rank(graph, plan, rank)
     specs = json.dumps({k: v for k, v in lowered.meta["shard_specs"].items() if v})
-    return str(lowered) + f"# shard_specs {specs}\n"
+    note = graph.meta.get("trace_note")
+    head = (f"# as the plan file was made: {note.split(';')[0]}; the other repeated layers' "
+            f"programs are alike\n" if note else "")
+    return head + str(lowered) + f"# shard_specs {specs}\n"

@@ -33,8 +33,10 @@ PARAM_TOL = 1e-5
 
 
 def _setup(p) -> None:
+    from meshweave.cli_flags import add_planning_args
+
     p.add_argument("--model", default="gpt-tiny", help="zoo model name (default gpt-tiny)")
-    p.add_argument("--mesh", default="2", help="stage mesh, e.g. 2, 2x2 or dp=2,tp=2")
+    add_planning_args(p)  # --mesh (a stage's mesh) or --plan-file; --train, --batch, --seq, ...
     p.add_argument("--pp", type=int, default=None, help="pipeline stages")
     p.add_argument(
         "--plan",
@@ -43,28 +45,17 @@ def _setup(p) -> None:
         help="plan kind (default: from a named mesh, else auto)",
     )
     p.add_argument(
-        "--plan-file",
-        default=None,
-        metavar="FILE",
-        help="run this Plan JSON (`meshweave plan --out FILE`; its stage meshes may differ); "
-        "--mesh/--pp/--plan/--micro-batches/--zero are then the plan's",
-    )
-    p.add_argument(
         "--num-layers",
         type=int,
         default=None,
         help="the model's depth, when not the zoo config's (as `meshweave plan --num-layers`)",
     )
-    p.add_argument("--train", action="store_true", help="run training steps")
     p.add_argument("--steps", type=int, default=2, help="training steps (default 2)")
     p.add_argument(
         "--check",
         action="store_true",
         help="compare with a single-device run; exit 1 on a mismatch",
     )
-    p.add_argument("--batch", type=int, default=4, help="global batch (default 4)")
-    p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")
-    p.add_argument("--micro-batches", type=int, default=1, help="pipeline micro-batches")
     p.add_argument(
         "--schedule",
         choices=["gpipe", "1f1b"],
@@ -142,12 +133,27 @@ def grid_from_args(mesh_text: str, pp: int | None, kind: str | None) -> tuple[st
 def _run(args) -> int:
     from meshweave.runtime.distributed.launch import under_torchrun
     from meshweave.runtime.distributed.optim import OptimConfig
+    from meshweave.cli_flags import parse_mesh, resolve_planning
     from meshweave.runtime.distributed.runner import RunSpec
 
-    if args.plan_file:
-        kind, dp, tp, pp = "file", 1, 1, _plan_file_size(args.plan_file)
-    else:
+    kind = grid = None
+    if args.plan_file is not None:
+        for flag, given in (("--pp", args.pp is not None), ("--plan", args.plan is not None),
+                            ("--zero", args.zero)):
+            if given:
+                raise CLIError(f"{flag}: `meshweave run --plan-file` takes it from the plan")
+    elif args.mesh is not None:
+        parse_mesh(args.mesh)  # a bad --mesh is one line naming it
         kind, dp, tp, pp = grid_from_args(args.mesh, args.pp, args.plan)
+        grid = None if kind == "auto" else (dp, pp)
+    cannot = {"--memory-gib": "it does not search under a budget: `meshweave plan --memory-gib "
+                              "G --out FILE`, then `meshweave run --plan-file FILE`"}
+    if kind not in (None, "auto"):
+        cannot["--spec"] = f"--plan {kind} is a fixed layout; only --plan auto is costed"
+    resolve_planning(args, "run", needs="mesh|plan-file", unsupported=cannot,
+                     search=kind == "auto", grid=grid)
+    if args.plan_file is not None:
+        kind, dp, tp, pp = "file", 1, 1, args.plan_value.world_size
     lr = args.lr if args.lr is not None else (0.1 if args.optim == "sgd" else 1e-3)
     spec = RunSpec(
         args.model,
@@ -169,6 +175,7 @@ def _run(args) -> int:
         device=args.device,
         plan_file=args.plan_file,
         layers=args.num_layers,
+        hardware=args.spec,
         **_quant_fields(args),
     )
     if under_torchrun():
@@ -200,13 +207,6 @@ def _quant_fields(args) -> dict:
     return {"quantize": options["quantize"], "calibration": tuple(cal) if cal else None}
 
 
-def _plan_file_size(path: str) -> int:
-    """Ranks a Plan JSON needs (read before tracing, so a bad file fails at once)."""
-    from meshweave.cli_parallel import load_plan_file
-
-    return load_plan_file(path).world_size
-
-
 def _prepare(spec):
     from meshweave.models import UnknownModelError
     from meshweave.progress import step
@@ -228,6 +228,11 @@ def _run_local(spec, check: bool) -> int:
     from meshweave.runtime.distributed.runner import check_devices, run_distributed
 
     check_devices(spec, spec.world_size)  # before tracing: fail in a second, not a minute
+    if spec.device == "cpu":  # the local ranks share this machine's memory: all the weights
+        from meshweave.cli import preflight_execution
+
+        preflight_execution(spec.model, spec.batch, spec.seq, spec.layers,
+                            training=spec.training, command="run")
     job = _prepare(spec)
     print(_plan_line(job))
     t0 = time.perf_counter()

@@ -10,6 +10,9 @@ MESHWEAVE_MATMUL       the Triton backend's matmul policy when CodegenConfig doe
                        auto (default), autotune, triton or torch (see codegen.CodegenConfig).
 MESHWEAVE_FAST_LAUNCH  0: launch every generated Triton kernel through triton's JIT dispatch
                        instead of its compiled launcher (codegen/triton/fast_launch.py; default 1).
+MESHWEAVE_MEMORY_AVAILABLE  a size (4GiB, 512MiB, or bytes) the CLI's memory preflight takes as
+                       the memory available instead of /proc/meminfo's MemAvailable: to see
+                       what a command needs on a smaller machine (meshweave.cli.preflight).
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
                        set by torchrun; runtime/distributed/launch.py reads them to run as one
                        rank of an externally launched job (and sets them for its own ranks).
@@ -42,3 +45,7 @@ def checkpoint_dir() -> str | None:
 
 def fast_launch() -> bool:
     return os.environ.get("MESHWEAVE_FAST_LAUNCH", "1") != "0"
+
+
+def memory_available() -> str | None:
+    return os.environ.get("MESHWEAVE_MEMORY_AVAILABLE") or None

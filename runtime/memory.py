@@ -5,6 +5,7 @@
     meter.peak                      # most bytes of activations alive at once
     saved = SavedBytes(exclude=...) # saved_tensors_hooks: bytes kept between forward and backward
     estimate_peak(forward, backward, saved_bytes)   # the same liveness, on the IR's types
+    estimate_call_peak(graph)       # one inference call's peak, on the IR's types
 
 Bytes are counted per storage, so views of one tensor count once; the storages of parameters,
 buffers and the call's inputs are excluded (they are alive whatever the step saves).
@@ -149,6 +150,13 @@ def _simulate(graph: Graph, live_inputs: list, start: int) -> tuple[int, int]:
                 if aliases[r] == 0:
                     cur -= _nbytes(r)
     return peak, cur
+
+
+def estimate_call_peak(graph: Graph) -> int:
+    """One inference call's peak live activation bytes from the IR's types (parameters, buffers
+    and the call's inputs excluded), as the reference executor frees values: what a graph
+    traced on the meta device will need at run time beyond its weights and inputs."""
+    return _simulate(graph, [], 0)[0]
 
 
 def estimate_peak(forward: Graph, backward: Graph, num_saved: int) -> int:

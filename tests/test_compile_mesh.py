@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from meshweave.cli_artifacts import plan_for_mesh
+from meshweave.cli_parallel import plan_for_mesh
 from meshweave.ir.errors import MeshweaveError
 from meshweave.models import build_model
 

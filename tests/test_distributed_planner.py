@@ -47,15 +47,17 @@ def repro(model: str, kind: str, spec: RunSpec) -> str:
     grid = {
         "dp": f"--mesh {spec.dp}",
         "tp": f"--mesh {spec.tp}",
-        "pp": f"--pp {spec.pp}",
+        "pp": f"--mesh 1 --pp {spec.pp}",
         "dpxtp": f"--mesh {spec.dp}x{spec.tp}",
         "ppxtp": f"--mesh {spec.tp} --pp {spec.pp}",
         "auto": f"--mesh {spec.devices}",
     }[kind]
     line = (
         f"meshweave run --model {model} --plan {kind} {grid} --batch {spec.batch} "
-        f"--seq {spec.seq} --micro-batches {spec.micro_batches} --lowering planner --check"
+        f"--seq {spec.seq} --lowering planner --check"
     )
+    if kind != "auto":  # a searched plan picks its own micro-batches
+        line += f" --micro-batches {spec.micro_batches}"
     if spec.training:
         line += f" --train --steps {spec.steps} --schedule {spec.schedule}"
         line += " --zero" if spec.zero else ""

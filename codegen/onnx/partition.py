@@ -326,6 +326,7 @@ def export_segments(
     opset: int,
     external_data_threshold: int,
     progress=None,
+    optimize: bool = True,
 ) -> list[OnnxFile]:
     """One file per segment: cut out of one union export, or (big weights) one export each.
 
@@ -342,7 +343,8 @@ def export_segments(
     extractor = names = None
     if sum(nbytes) <= UNION_LIMIT_BYTES:
         union, names = _union_graph(segments)
-        program = export_graph_program(union, example_inputs(union), opset=opset)
+        program = export_graph_program(union, example_inputs(union), opset=opset,
+                                       optimize=optimize)
         extractor = onnx.utils.Extractor(program.model_proto)
     files = []
     for i, seg in enumerate(segments):
@@ -351,7 +353,8 @@ def export_segments(
         external = nbytes[i] > external_data_threshold
         if extractor is None:
             f = export_graph(
-                seg.graph, full, external_data_threshold=external_data_threshold, opset=opset
+                seg.graph, full, external_data_threshold=external_data_threshold, opset=opset,
+                optimize=optimize,
             )
             external = f.external_data is not None
         else:
@@ -368,7 +371,7 @@ def export_segments(
                 save_as_external_data=external,
                 all_tensors_to_one_file=True,
                 location=path + ".data",
-                size_threshold=0,
+                size_threshold=1024,  # shape constants stay inline: onnx.checker reads them
             )
         ins, outs = [v.name for v in seg.graph.user_inputs], [v.name for v in seg.graph.outputs]
         data = path + ".data" if external else None

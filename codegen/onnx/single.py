@@ -244,8 +244,11 @@ def export_graph_program(
     *,
     opset: int = OPSET,
     path: str = "",
+    optimize: bool = True,
 ) -> Any:
-    """torch.onnx's ONNXProgram for `graph`; inputs/outputs are named after the IR values."""
+    """torch.onnx's ONNXProgram for `graph`; inputs/outputs are named after the IR values.
+    `optimize=False` skips torch.onnx's optimizer, so the weights stay the initializers as
+    given, under their state_dict names (it would fold a linear's transpose into a new one)."""
     inputs = list(inputs) if inputs is not None else example_inputs(graph)
     graph, _ = lower_quant_linears(graph)  # a no-op when export_onnx lowered it already
     for v in graph.outputs:
@@ -270,6 +273,7 @@ def export_graph_program(
                 output_names=_unique_names([v.name for v in graph.outputs]),
                 dynamic_shapes=_dynamic_shapes(graph),
                 custom_translation_table=translation_table(graph) or None,
+                optimize=optimize,
             )
     except Exception as e:  # torch.onnx raises a variety; map what we can to the IR node
         unsupported = _unsupported_op(e, graph)
@@ -329,9 +333,10 @@ def export_graph(
     *,
     opset: int = OPSET,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    optimize: bool = True,
 ) -> OnnxFile:
     """Write `graph` to `path` as ONNX; weights over the threshold go to `path`.data."""
-    program = export_graph_program(graph, inputs, opset=opset, path=path)
+    program = export_graph_program(graph, inputs, opset=opset, path=path, optimize=optimize)
     external = use_external_data(graph, external_data_threshold)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path, external_data=external)

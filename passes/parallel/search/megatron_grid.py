@@ -217,7 +217,10 @@ def megatron_plan(
     """
     spec = get_spec(spec)
     ctx_batch = batch
-    state = PlannerState(graph, spec, batch=1, training=training, zero=zero)
+    # a graph traced with fewer repeated layers (trace_for_planning) is planned at its real
+    # depth, as plan_parallel does
+    state = PlannerState(graph, spec, batch=1, training=training, zero=zero,
+                         repeats=graph.meta.get("repeated_layers"))
     state.batch = ctx_batch or state.ctx.batch.traced_batch
     if state.batch % micro_batches:
         raise PlanningError(

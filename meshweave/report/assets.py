@@ -1,4 +1,4 @@
-"""The plan report's inline style and script (meshweave/report.py writes them into the page).
+"""The plan report's inline style and script (meshweave/report/ writes them into the page).
 
 The script reads the `report-data` JSON block and draws the timeline (switchable between GPipe
 and 1F1B), the memory bars and the step-time bar as SVG. Charts are built as SVG markup strings

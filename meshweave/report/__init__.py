@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 from meshweave.ir.graph import Graph
-from meshweave.report_assets import CSS, JS
+from meshweave.report.assets import CSS, JS
 
 SECTION_IDS = ("summary", "mesh", "sharding-table", "timeline", "memory", "step-time")
 BACKWARD_FACTOR = 2.0  # backward ~ 2x forward FLOPs: F takes 1/3, B 2/3 of a training stage time
