@@ -8,10 +8,11 @@ backward reads some of them directly (`needed`): each of those is either saved o
 and a recomputed node needs each of its forward inputs saved or recomputed in turn. Parameters
 and the call's inputs are alive anyway: reading them costs nothing. Per candidate:
 
-  nbytes     bytes kept if saved (a view of a parameter or input, or a forward output: 0). A view of an activation
-             names in `base` the candidate owning its storage: saving the view would keep that
-             whole storage, so the base is saved instead and the view recomputed from it (for
-             free), as torch's min-cut partitioner does; the bytes count once at the base
+  nbytes     bytes kept if saved (a view of a parameter or input, or a forward output: 0).
+             A view of an activation names in `base` the candidate owning its storage: saving
+             the view would keep that whole storage, so the base is saved instead and the view
+             recomputed from it (for free), as torch's min-cut partitioner does; the bytes
+             count once at the base
   cost       seconds to recompute it, from the registry's FLOP and byte rules and the
              hardware spec's roofline (meshweave's cost model)
   flops      FLOPs to recompute it (what the benchmark reports)
