@@ -306,6 +306,14 @@ def export_partitioned(
             external_data_threshold=external_data_threshold,
             progress=lambda i: bar(i, len(segments), "ONNX segments"),
         )
+    manifest = _manifest(graph, plan, lowered, files, manifest_steps(programs, files), name,
+                         opset)
+    return OnnxExport(directory, files, manifest)
+
+
+def manifest_steps(programs: dict[int, list[Segment | Node]], files: list[OnnxFile]) -> list:
+    """The manifest's `steps`: schedule_steps' order, each segment as the file exported for
+    it (segments with no file, e.g. no outputs, are skipped), each collective as its step."""
     by_seg = {(f.rank, f.segment): f for f in files}
     steps = []
     for kind, what in schedule_steps(programs):
@@ -315,8 +323,7 @@ def export_partitioned(
                 steps.append({"op": "run", "file": f.path, "rank": f.rank})
         else:
             steps.append(_collective_step(what))
-    manifest = _manifest(graph, plan, lowered, files, steps, name, opset)
-    return OnnxExport(directory, files, manifest)
+    return steps
 
 
 def export_segments(

@@ -34,10 +34,9 @@ from meshweave.runtime.reference import node_callable
 from .partition import (
     UNION_LIMIT_BYTES,
     Segment,
-    _collective_step,
     _manifest,
     export_segments,
-    schedule_steps,
+    manifest_steps,
     split_program,
 )
 from .scalars import fold_scalar_inputs, full_inputs, tensor_leaves
@@ -237,8 +236,6 @@ def export_sharded(
     exactly the rank's shards under their state_dict names (the optimizer would fold a linear's
     transpose, or a gather of rows, into new unnamed ones, and hold both in memory);
     onnxruntime folds such transposes when it loads a file."""
-    from meshweave.passes.parallel.lower.rank import lower_for_rank
-    from meshweave.passes.parallel.lower.setup import analyse
     from meshweave.progress import step
 
     traced: Graph = cm if isinstance(cm, Graph) else cm.graph
@@ -261,33 +258,11 @@ def export_sharded(
                              external_data_threshold=external_data_threshold, optimize=optimize)
         files, manifest = [f], single_manifest(graph, f, name, opset)
     else:
-        su = analyse(graph, plan)
-        programs, lowered, files = {}, {}, []
         kw = dict(opset=opset, optimize=optimize, external_data_threshold=external_data_threshold)
-        for r in range(plan.world_size):
-            with step(f"rank {r} of {plan.world_size}: shards from {weights.describe()}"):
-                program = lower_for_rank(graph, plan, r, setup=su)  # meta shards
-                items = split_program(program, r)
-                segs = [s for s in items if isinstance(s, Segment) and s.graph.outputs]
-                specs = program.meta.get("shard_specs") or {}
-                got, rank_bytes[r], resident[r] = _export_rank(
-                    segs, specs, params, weights, directory, **kw
-                )
-                files += got
-            for s in items:  # release the rank's shards before the next rank
-                if isinstance(s, Segment):
-                    s.graph.tensors = {}
-            programs[r], lowered[r] = items, program
-            del segs, items, program
-            gc.collect()
-        steps = []
-        by_seg = {(f.rank, f.segment): f for f in files}
-        for kind, what in schedule_steps(programs):
-            if kind == "coll":
-                steps.append(_collective_step(what))
-            elif (f := by_seg.get((what.rank, what.index))) is not None:
-                steps.append({"op": "run", "file": f.path, "rank": f.rank})
-        manifest = _manifest(graph, plan, lowered, files, steps, name, opset)
+        programs, lowered, files = _export_ranks(graph, plan, params, weights, directory,
+                                                 rank_bytes, resident, **kw)
+        manifest = _manifest(graph, plan, lowered, files, manifest_steps(programs, files), name,
+                             opset)
     result = OnnxExport(directory, files, manifest)
     with open(result.manifest_path, "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -308,6 +283,35 @@ def export_sharded(
     result.resident_bytes = resident  # the most of them in memory at once
     result.total_bytes = total
     return result
+
+
+def _export_ranks(graph, plan, params, weights, directory, rank_bytes, resident, **kw):
+    """Every rank in turn: lowered on the meta graph, its segments exported with their shards
+    read just in time, and released before the next rank. Fills rank_bytes/resident; returns
+    the split programs, the lowered programs and the files."""
+    from meshweave.passes.parallel.lower.rank import lower_for_rank
+    from meshweave.passes.parallel.lower.setup import analyse
+    from meshweave.progress import step
+
+    su = analyse(graph, plan)
+    programs, lowered, files = {}, {}, []
+    for r in range(plan.world_size):
+        with step(f"rank {r} of {plan.world_size}: shards from {weights.describe()}"):
+            program = lower_for_rank(graph, plan, r, setup=su)  # meta shards
+            items = split_program(program, r)
+            segs = [s for s in items if isinstance(s, Segment) and s.graph.outputs]
+            specs = program.meta.get("shard_specs") or {}
+            got, rank_bytes[r], resident[r] = _export_rank(
+                segs, specs, params, weights, directory, **kw
+            )
+            files += got
+        for s in items:  # release the rank's shards before the next rank
+            if isinstance(s, Segment):
+                s.graph.tensors = {}
+        programs[r], lowered[r] = items, program
+        del segs, items, program
+        gc.collect()
+    return programs, lowered, files
 
 
 def _nbytes(p: Param) -> int:
