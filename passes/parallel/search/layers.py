@@ -2,8 +2,9 @@
 
 Parameters name their layer: `blocks.3.attn.qkv.weight`, `model.layers.3...`, `transformer.h.3`.
 The numbered container with the most distinct indices is the layer stack; a node belongs to
-the layer of the layer parameters it reads, nodes without parameters to the layer being
-built when they appear, and everything before the first layer (embeddings) or from the first
+the layer of the layer parameters it reads, a node that reads only values from before the
+layers (a rotary table's reshape, first used in layer 0) to `pre`, other nodes without
+parameters to the layer being built when they appear, and everything before the first layer (embeddings) or from the first
 use of a non-layer parameter after it (final norm, LM head) to `pre` / `post`.
 
 Layers are fingerprinted (ops, shapes, constant arguments, where each input comes from) and
@@ -91,9 +92,17 @@ def find_layers(graph: Graph, repeats: int | None = None) -> LayerStructure:
     post: list[Node] = []
     layers: list[list[Node]] = [[] for _ in index_of]
     current, in_post = -1, False
+    shared = {v for v in graph.inputs if layer_of_input.get(v) is None}  # not a layer's own
     for n in graph.nodes:
         ins = [v for v in n.inputs if v in layer_of_input]
         lids = [index_of[layer_of_input[v]] for v in ins if layer_of_input[v] is not None]
+        if not in_post and not ins and all(v in shared for v in n.inputs):
+            # reads only what precedes the layers (rotary tables, masks): first used inside
+            # layer 0 and shared by all after CSE; counted in layer 0 it would make layer 0
+            # differ from the others and break the layer count
+            pre.append(n)
+            shared.update(n.outputs)
+            continue
         if (
             not in_post
             and current >= 0
@@ -110,6 +119,7 @@ def find_layers(graph: Graph, repeats: int | None = None) -> LayerStructure:
             layers[current].append(n)
         else:
             pre.append(n)
+            shared.update(n.outputs)
     return _cluster(graph, pre, [x for x in layers if x], post, container, repeats)
 
 
