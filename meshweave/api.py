@@ -97,7 +97,7 @@ def _quant_passes(options: CompileOptions, signature: Signature) -> list:
         raise ValueError("CompileOptions.quantize is weight-only quantization for inference; "
                          "it cannot be combined with training=True")
     batches = [signature.flatten(*_as_call(c)) for c in (options.calibration or ())]
-    return [quantization_pass(options.quantize, batches)]
+    return [quantization_pass(options.quantize, batches, options.quantized_weights)]
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:

@@ -40,6 +40,9 @@ class CompileOptions:
         `quant.linear` (passes/quant/), run after the default passes; inference only.
     calibration: example batches for QuantConfig(method="gptq"): a list of argument tuples
         (or single tensors) shaped like the traced example.
+    quantized_weights: packed weights to reuse instead of quantizing (weight target ->
+        {"qweight", "scales", "zeros"}, passes/quant's `packed_weights` of an earlier compile):
+        how generation's cached-decoder programs get the CompiledModel's own GPTQ weights.
     memory_budget: with training=True, the rematerialization pass (passes/remat/) chooses
         what the backward recomputes: a fraction in (0, 1] of the activation bytes that saving
         everything needs (torch's activation_memory_budget), or a size such as "2GiB"; the
@@ -62,6 +65,7 @@ class CompileOptions:
     cuda_graphs: bool | None = None
     quantize: Any = None
     calibration: Any = None
+    quantized_weights: Any = None
     memory_budget: Any = None
 
     def __post_init__(self):

@@ -252,13 +252,18 @@ def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None =
     if source is None or compile_fn is None:
         raise GenerationError(f"generate: {cm.model_name} holds no source model to build the "
                               f"cached decoder from; compile it with meshweave.compile")
-    if cm.options.training or cm.options.mesh is not None or cm.options.quantize is not None:
+    if cm.options.training or cm.options.mesh is not None:
         raise GenerationError(
-            f"generate: {cm.model_name} was compiled with training, mesh= or quantize=; "
-            f"generation compiles single-device fp inference steps only: compile the model "
-            f"without them (quantized and parallel decoding are not built yet)")
-    # the CompiledModel's own options, minus what belongs to its one traced program
+            f"generate: {cm.model_name} was compiled with training or mesh=; generation "
+            f"compiles single-device inference steps only: compile the model without them "
+            f"(parallel decoding is not built yet)")
+    # the CompiledModel's own options, minus what belongs to its one traced program; a
+    # quantized model's programs reuse its packed weights (GPTQ's included) as they are
     options = dataclasses.replace(cm.options, dump_dir=None, calibration=None)
+    if cm.options.quantize is not None:
+        from meshweave.passes.quant import packed_weights
+
+        options = dataclasses.replace(options, quantized_weights=packed_weights(cm.graph))
     key = (cache_len, max_batch)
     gens = cm.__dict__.setdefault("_generators", {})
     if key not in gens:

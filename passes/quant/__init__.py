@@ -24,13 +24,16 @@ from .rewrite import (
     QuantSummary,
     dequantized_model,
     dequantized_state,
+    packed_weights,
     quantize_graph,
 )
 
 
-def quantization_pass(config: QuantConfig, calibration: Sequence[Sequence[Any]] | None = None):
+def quantization_pass(config: QuantConfig, calibration: Sequence[Sequence[Any]] | None = None,
+                      given: dict | None = None):
     """The pass for the pipeline (passes/pipeline.py's Pass), bound to its configuration.
-    `calibration` holds each batch's flattened user inputs (Signature.flatten)."""
+    `calibration` holds each batch's flattened user inputs (Signature.flatten); `given` packed
+    weights to reuse (rewrite.packed_weights)."""
     from ..pipeline import Pass
 
     if not isinstance(config, QuantConfig):
@@ -38,7 +41,7 @@ def quantization_pass(config: QuantConfig, calibration: Sequence[Sequence[Any]] 
                         f"{type(config).__name__}: {config!r}")
 
     def quantize(graph):
-        return quantize_graph(graph, config, calibration)
+        return quantize_graph(graph, config, calibration, given)
 
     return Pass("quantize", quantize, f"weights -> {config.tag} {config.method} quant.linear")
 
@@ -49,6 +52,7 @@ __all__ = [
     "QuantizationError",
     "dequantized_model",
     "dequantized_state",
+    "packed_weights",
     "quantization_pass",
     "quantize_graph",
 ]

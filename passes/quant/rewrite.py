@@ -77,27 +77,60 @@ def check_sites(graph: Graph, sites: Sequence[Site], config: QuantConfig) -> Non
                 f"multiple of 32); skip this weight")
 
 
+def packed_weights(graph: Graph) -> dict[str, dict[str, torch.Tensor | None]]:
+    """Weight target -> its packed tensors {"qweight", "scales", "zeros"} in a quantized graph:
+    what a second compile of the same weights (generation's cached-decoder programs) reuses
+    through `quantize_graph(given=)`, so GPTQ's choices are not redone without calibration."""
+    out: dict[str, dict[str, torch.Tensor | None]] = {}
+    for n in graph.nodes:
+        if n.op != QUANT_LINEAR:
+            continue
+        target = n.args[1].target.rsplit(".", 1)[0]
+        zeros = n.args[3] if len(n.args) > 3 else None
+        out.setdefault(target, {
+            "qweight": graph.tensors[n.args[1].name],
+            "scales": graph.tensors[n.args[2].name],
+            "zeros": graph.tensors[zeros.name] if isinstance(zeros, Value) else None,
+        })
+    return out
+
+
+def _given_for(given: dict | None, target: str | None) -> dict | None:
+    """`given`'s entry for `target`: the same name, or one that ends the name at a dot (a
+    wrapper module adds a prefix: KVDecoder's `model.`)."""
+    if not given or not target:
+        return None
+    if target in given:
+        return given[target]
+    hits = [k for k in given if target.endswith("." + k)]
+    return given[max(hits, key=len)] if hits else None
+
+
 def quantize_graph(graph: Graph, config: QuantConfig,
-                   calibration: Sequence[Sequence[Any]] | None = None) -> Graph:
-    """The pass. `calibration`: flattened user-input leaves per batch (GPTQ only)."""
-    if config.method == "gptq" and not calibration:
+                   calibration: Sequence[Sequence[Any]] | None = None,
+                   given: dict[str, dict[str, torch.Tensor | None]] | None = None) -> Graph:
+    """The pass. `calibration`: flattened user-input leaves per batch (GPTQ only). `given`:
+    packed tensors per weight target (`packed_weights` of an earlier compile) used as they are
+    instead of quantizing those weights again."""
+    g = graph.copy()
+    sites = find_sites(g, config.skip)
+    check_sites(g, sites, config)
+    todo = [s for s in sites if _given_for(given, s.weight.target) is None]
+    if config.method == "gptq" and todo and not calibration:
         raise QuantizationError(
             "QuantConfig(method='gptq') needs calibration data: pass "
             "CompileOptions(calibration=[args, ...]) with a few example batches (tuples of the "
             "model's arguments), or use method='rtn'")
-    g = graph.copy()
-    sites = find_sites(g, config.skip)
-    check_sites(g, sites, config)
     results: dict[Value, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    if config.method == "gptq":
-        results = _gptq_all(g, sites, config, calibration)
+    if config.method == "gptq" and todo:
+        results = _gptq_all(g, todo, config, calibration)
     else:
-        for s in sites:
+        for s in todo:
             if s.weight not in results:
                 w = s.weight_nk(g)
                 results[s.weight] = rtn(w, config.bits, config.group_for(w.shape[1]),
                                         config.symmetric)
-    return _rewrite(g, sites, results, config)
+    return _rewrite(g, sites, results, config, given)
 
 
 def _gptq_all(g: Graph, sites, config: QuantConfig, calibration):
@@ -129,7 +162,7 @@ def _dequantized_nk(codes, scales, zeros, group):
     return ((codes.view(n, k // group, group) - zeros[..., None]) * scales[..., None]).view(n, k)
 
 
-def _rewrite(g: Graph, sites, results, config: QuantConfig) -> Graph:
+def _rewrite(g: Graph, sites, results, config: QuantConfig, given=None) -> Graph:
     names = NameGen(g)
     packed: dict[Value, tuple[Value, Value, Value | None]] = {}
     layers = []
@@ -138,12 +171,14 @@ def _rewrite(g: Graph, sites, results, config: QuantConfig) -> Graph:
         w = g.tensors[s.weight.name]
         n_out, k = s.weight_nk(g).shape
         if s.weight not in packed:
-            codes, scales, zeros = results[s.weight]
-            tensors = {
-                "qweight": pack(codes.T.to(torch.int32), config.bits),
-                "scales": scales.T.contiguous().to(w.dtype),
-                "zeros": None if config.symmetric else zeros.T.contiguous().to(torch.uint8),
-            }
+            tensors = _given_for(given, s.weight.target)
+            if tensors is None:
+                codes, scales, zeros = results[s.weight]
+                tensors = {
+                    "qweight": pack(codes.T.to(torch.int32), config.bits),
+                    "scales": scales.T.contiguous().to(w.dtype),
+                    "zeros": None if config.symmetric else zeros.T.contiguous().to(torch.uint8),
+                }
             vals = []
             for suffix, t in tensors.items():
                 if t is None:
