@@ -208,13 +208,14 @@ def test_two_gloo_ranks_tp2_match_one_device_exactly():
 
 @pytest.mark.timeout(200)
 def test_cli_run_quantized_tp2_check():
+    # GPTQ (calibrated on random batches) through `run`; RTN runs under torchrun above
     cmd = [sys.executable, "-m", "meshweave", "run", "--model", "llama-tiny", "--quantize", "w4c",
-           "--mesh", "tp=2", "--batch", "2", "--seq", "8", "--check"]
+           "--method", "gptq", "--mesh", "tp=2", "--batch", "2", "--seq", "8", "--check"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180,
                        check=False, cwd=ROOT)
     out = r.stdout
     assert r.returncode == 0, f"{' '.join(cmd)}\n{out[-2000:]}\n{r.stderr[-3000:]}"
-    assert "= 2 ranks" in out and "check passed" in out, out
+    assert "= 2 ranks" in out and "check passed" in out and "GPTQ calibration" in out, out
     err = float(re.search(r"outputs: (\S+e[-+]\d+)", out).group(1))
     assert err <= 1e-5, out
     bad = subprocess.run([*cmd[:3], "run", "--model", "llama-tiny", "--quantize", "w4c",
