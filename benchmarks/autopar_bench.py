@@ -8,7 +8,10 @@ apart), its estimated step time, the best configuration of the exhaustive Megatr
 (dp x tp x pp x micro-batches, uniform layers, recompute off/on, same cost model) and the
 ratio ours / grid (lower is better; <= 1 always holds by construction, < 1 means the search
 found a better plan). When per-stage sub-meshes (Alpa-style) beat the best uniform plan, the
-plan column lists the stage meshes and a second line gives the uniform best. Writes nothing.
+plan column lists the stage meshes and a second line gives the uniform best. Then the MoE
+cases (benchmarks/autopar_moe.py: mixtral-8x7b on 64 devices and smaller ones) against the
+exhaustive EP x TP x PP x DP x micro-batch grid, ending `worst MoE ratio vs exhaustive EP grid:
+R`; --no-moe skips them. Writes nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only " + ", ".join(sorted(QUICK)))
     ap.add_argument("--case", action="append", default=[], help="run only these cases")
+    ap.add_argument("--no-moe", action="store_true", help="skip the MoE cases (autopar_moe)")
     args = ap.parse_args()
     cases = [
         c
@@ -93,6 +97,13 @@ def main() -> int:
         )
         if r["uniform_best"] is not None:  # stage sub-meshes won; the uniform plan it beat
             print(f"{'':18s} {'':9s} uniform best {r['uniform_best']:.3f} s", flush=True)
+    if not args.no_moe:
+        from autopar_moe import MOE_CASES, print_moe_cases
+
+        names = [c for c in args.case if c in {m[0] for m in MOE_CASES}]
+        if names or not args.case:
+            print()
+            print_moe_cases(names, args.quick)
     return 0
 
 

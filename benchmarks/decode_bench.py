@@ -3,11 +3,14 @@
     python benchmarks/decode_bench.py                    # llama-tiny, random weights
     python benchmarks/decode_bench.py --checkpoint DIR   # a `meshweave train-lm` checkpoint:
                                                          # prompts from its validation files
+    python benchmarks/decode_bench.py --medusa-heads FILE --tree "0; 1; 0,0; 0,0,0"
 
 Prints one line per method and batch: `METHOD batch B: accepted/step A, tokens/s T, speedup S`
 (A: mean tokens a sequence keeps per compiled step; S: tokens/s against greedy's, same run).
 Each method runs once to compile its programs, then once timed. The llama-tiny prompts repeat
 themselves (edit-style: the output copies the context), which is where prompt lookup pays.
+medusa uses --medusa-heads FILE (`meshweave train-heads --out FILE`), or trains heads first by
+self-distillation on the model's own greedy continuations of other prompts (training files).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 import meshweave
 
-METHODS = ("greedy", "prompt_lookup", "jacobi")
+METHODS = ("greedy", "prompt_lookup", "jacobi", "medusa")
+_HEADS: dict = {}
 
 
 def prompts_for(args, batch: int):
@@ -40,6 +44,42 @@ def prompts_for(args, batch: int):
     return model, rows
 
 
+def train_prompts(args, count: int = 64) -> list[list[int]]:
+    """Prompts the heads train on: training-split text, or random and repeating ids."""
+    if args.checkpoint:
+        from meshweave.models.small_lm import load_checkpoint, read_text
+
+        lm = load_checkpoint(args.checkpoint)
+        files = lm.files("train")
+        rows = [lm.encode(read_text(files[i % len(files)])[(i * 397) % 2000:][:400])
+                for i in range(count)]
+        return [r[:args.prompt_len] for r in rows if r]
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 128, (args.prompt_len,), generator=g).tolist()
+            for _ in range(count // 2)]
+    for _ in range(count - count // 2):
+        motif = torch.randint(0, 128, (5,), generator=g).tolist()
+        rows.append((motif * 8)[:args.prompt_len])
+    return rows
+
+
+def medusa_heads(args, cm, model):
+    """--medusa-heads, or heads trained here once (the same weights at every batch size)."""
+    from meshweave.models.medusa import load_heads, self_distill
+
+    if args.medusa_heads:
+        return _HEADS.setdefault("file", load_heads(args.medusa_heads))
+    if "trained" not in _HEADS:
+        heads, losses = self_distill(
+            lambda rows, n: cm.generate(rows, n, method="greedy").tokens, model,
+            train_prompts(args), num_heads=args.heads, steps=args.heads_steps,
+            new_tokens=args.max_new_tokens)
+        print(f"medusa: trained {args.heads} heads, loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+              flush=True)
+        _HEADS["trained"] = heads
+    return _HEADS["trained"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, metavar="DIR")
@@ -47,15 +87,28 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=20)
     p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--medusa-heads", default=None, metavar="FILE")
+    p.add_argument("--heads", type=int, default=3, help="heads to train without --medusa-heads")
+    p.add_argument("--heads-steps", type=int, default=300)
+    p.add_argument("--tree", default=None, help="medusa tree spec (default: a small tree)")
     args = p.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if methods[0] != "greedy":
+        methods.insert(0, "greedy")  # the baseline runs first, in the same run
     torch.set_num_threads(1)
     for batch in (int(b) for b in args.batches.split(",")):
         model, prompts = prompts_for(args, batch)
         with torch.no_grad():
             cm = meshweave.compile(model, (torch.tensor([prompts[0]]),))
         base = None
-        for method in METHODS:
+        for method in methods:
             kw = dict(method=method, num_draft=args.num_draft)
+            if method == "medusa":
+                from meshweave.passes.decoding import parse_tree_spec
+
+                kw = dict(method=method, medusa_heads=medusa_heads(args, cm, model),
+                          tree=parse_tree_spec(args.tree) if args.tree else None)
             cm.generate(prompts, args.max_new_tokens, **kw)  # compiles
             out = cm.generate(prompts, args.max_new_tokens, **kw)
             base = base or out

@@ -301,6 +301,10 @@ def _setup_dump(p):
     p.add_argument("--memory-budget", default=None, metavar="B",
                    help="with --train: rematerialize under this budget, a fraction of the "
                         "activation bytes saving everything needs (0.3) or a size (2GiB)")
+    p.add_argument("--tree", default=None, metavar="SPEC",
+                   help="--what tree: Medusa paths such as '0; 1; 0,0' (default: a small tree)")
+    p.add_argument("--medusa-heads", default=None, metavar="FILE",
+                   help="--what tree: check the tree against these heads (train-heads --out)")
 
 
 DUMPERS: dict[str, Callable] = {}
@@ -374,8 +378,11 @@ def _resolve_dump_flags(args, what: str) -> None:
     if not plans:
         for flag in ("--mesh", "--plan-file"):
             cannot[flag] = f"--what {args.what} has no plan (--what plan, rank:N, mlir --rank)"
-    if what in ("mlir", "ops"):
+    if what in ("mlir", "ops", "tree"):
         cannot["--train"] = f"--what {what} has no training step (--what ir, memory, plan)"
+    if what != "tree":
+        for flag in ("--tree", "--medusa-heads"):
+            cannot[flag] = "only --what tree reads it"
     if what == "ops":
         for flag in ("--batch", "--seq"):
             cannot[flag] = "--what ops lists the op registry, no model"
@@ -411,7 +418,7 @@ def _load_plugins() -> None:
     import importlib
 
     for mod in ("meshweave.cli_parallel", "meshweave.cli_artifacts", "meshweave.cli_run",
-                "meshweave.cli_lm", "meshweave.cli_generate"):
+                "meshweave.cli_lm", "meshweave.cli_generate", "meshweave.cli_heads"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

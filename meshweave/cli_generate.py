@@ -32,6 +32,10 @@ def _setup(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="--method sample's seed (default 0)")
     p.add_argument("--num-draft", type=int, default=4, metavar="K",
                    help="tokens drafted per step by prompt_lookup / jacobi (default 4)")
+    p.add_argument("--medusa-heads", default=None, metavar="FILE",
+                   help="--method medusa: heads from `meshweave train-heads --out FILE`")
+    p.add_argument("--tree", default=None, metavar="SPEC",
+                   help="--method medusa: tree paths such as '0; 1; 0,0' (default: small tree)")
     p.add_argument("--cache-len", type=int, default=None, metavar="C",
                    help="KV-cache slots per sequence (default the model's max_seq_len)")
     p.add_argument("--backend", choices=["eager", "triton"], default=None,
@@ -88,8 +92,14 @@ def _generate(args) -> int:
     example = (torch.tensor([ids], dtype=torch.int64),)
     with step("compiling"), torch.no_grad():
         cm = meshweave.compile(model, example, options=opts)
+    medusa = {}
+    if args.method == "medusa":
+        from meshweave.passes.decoding import parse_tree_spec
+
+        medusa = dict(medusa_heads=args.medusa_heads,
+                      tree=parse_tree_spec(args.tree) if args.tree else None)
     try:
-        out = cm.generate([ids], args.max_new_tokens, method=args.method,
+        out = cm.generate([ids], args.max_new_tokens, method=args.method, **medusa,
                           temperature=args.temperature, top_p=args.top_p, eos_token_id=eos,
                           seed=args.seed, num_draft=args.num_draft, cache_len=args.cache_len,
                           progress=True)

@@ -10,7 +10,9 @@
   dpxpp         `--pp` stages of a DP mesh          auto     the searched plan (plan_parallel)
 `--plan-file FILE` runs a saved Plan JSON instead (`meshweave plan ... --out FILE`), including
 plans whose pipeline stages have meshes of different shapes.
-Named meshes ("dp=2,tp=2") imply the grid. Ranks run the planner's `lower_for_rank` programs
+Named meshes ("dp=2,tp=2") imply the grid; an "ep" axis ("ep=4", "dp=2,ep=2", "ep=2,tp=2") is
+expert parallelism for the moe.experts nodes (strategies/moe_rules.py) and data parallelism for
+the rest. Ranks run the planner's `lower_for_rank` programs
 (`--lowering split`: the runtime's own data/pipeline split, no tensor parallelism).
 `--check` reruns the model on one device and compares every output (with `--train`: the
 losses and every parameter after the steps); it exits with status 1 on a mismatch.
@@ -94,9 +96,9 @@ def grid_from_args(mesh_text: str, pp: int | None, kind: str | None) -> tuple[st
     size = mesh.size
     if mesh.axis_names is not None:
         sizes = dict(zip(mesh.axis_names, mesh.shape))
-        unknown = set(sizes) - {"dp", "tp", "pp"}
+        unknown = set(sizes) - {"dp", "ep", "tp", "pp"}
         if unknown:
-            raise CLIError(f"--mesh: unknown axis names {sorted(unknown)}; use dp, tp and pp")
+            raise CLIError(f"--mesh: unknown axis names {sorted(unknown)}; use dp, ep, tp and pp")
         pp = pp or sizes.get("pp", 1)
         return kind or "fixed", sizes.get("dp", 1), sizes.get("tp", 1), pp
     kind = kind or "auto"
@@ -127,6 +129,19 @@ def grid_from_args(mesh_text: str, pp: int | None, kind: str | None) -> tuple[st
     return kind, 1, size, pp or 2
 
 
+def ep_from_mesh(mesh_text: str, kind: str) -> int | None:
+    """The size of a named mesh's "ep" axis (expert parallelism), or None without one."""
+    from meshweave.ir.mesh import DeviceMesh
+
+    mesh = DeviceMesh.parse(mesh_text)
+    if mesh.axis_names is None or "ep" not in mesh.axis_names:
+        return None
+    if kind != "fixed":
+        raise CLIError(f"--mesh {mesh_text}: an ep axis takes the fixed layout of its named "
+                       f"mesh; drop --plan {kind}")
+    return mesh.axis_size("ep")
+
+
 @command("run", "run a zoo model on local ranks under a parallel plan; --check vs one device")(
     _setup
 )
@@ -136,7 +151,7 @@ def _run(args) -> int:
     from meshweave.cli_flags import parse_mesh, resolve_planning
     from meshweave.runtime.distributed.runner import RunSpec
 
-    kind = grid = None
+    kind = grid = ep = None
     if args.plan_file is not None:
         for flag, given in (("--pp", args.pp is not None), ("--plan", args.plan is not None),
                             ("--zero", args.zero)):
@@ -145,7 +160,8 @@ def _run(args) -> int:
     elif args.mesh is not None:
         parse_mesh(args.mesh)  # a bad --mesh is one line naming it
         kind, dp, tp, pp = grid_from_args(args.mesh, args.pp, args.plan)
-        grid = None if kind == "auto" else (dp, pp)
+        ep = ep_from_mesh(args.mesh, kind)
+        grid = None if kind == "auto" else (dp * (ep or 1), pp)
     cannot = {"--memory-gib": "it does not search under a budget: `meshweave plan --memory-gib "
                               "G --out FILE`, then `meshweave run --plan-file FILE`"}
     if kind not in (None, "auto"):
@@ -161,7 +177,8 @@ def _run(args) -> int:
         dp=dp,
         tp=tp,
         pp=pp,
-        devices=dp * tp * pp,
+        devices=dp * (ep or 1) * tp * pp,
+        ep=ep,
         micro_batches=args.micro_batches,
         schedule=args.schedule or ("1f1b" if args.train else "gpipe"),
         zero=args.zero,

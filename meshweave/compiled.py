@@ -107,8 +107,10 @@ class CompiledModel:
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
                  max_batch: int | None = None, **kwargs: Any):
         """Generate with compiled prefill/decode programs over a static KV cache (decoder LMs:
-        models/llama.py). method="greedy"|"sample"|"prompt_lookup"|"jacobi", temperature=,
-        top_p=, eos_token_id=, seed=; returns a runtime.generate.Generation."""
+        models/llama.py). method="greedy"|"sample"|"prompt_lookup"|"jacobi"|"medusa"
+        (medusa_heads=, tree=, acceptance=), temperature=, top_p=, eos_token_id=, seed=;
+        returns a runtime.generate.Generation. A quantized model decodes with its own packed
+        weights."""
         from meshweave.runtime.generate import generator_for
 
         gen = generator_for(self, cache_len=cache_len, max_batch=max_batch)
@@ -260,6 +262,10 @@ class CompiledModel:
                     f"recomputes {len(sol.recomputed)} nodes ({sol.recompute_flops:,.0f} FLOPs, "
                     f"~{sol.recompute_seconds * 1e6:.1f} us estimated); cm.memory_stats(*args) "
                     f"measures it")
+        moe = g.meta.get("moe")
+        if moe is not None:  # passes/moe/: per block, recognised or why it stayed dense
+            lines.append(f"  mixture of experts: {moe.summary()}")
+            lines += [f"    {line}" for line in moe.lines()]
         for name, art in self.artifacts.items():
             summary = getattr(art, "summary", None)
             if callable(summary):

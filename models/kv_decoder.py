@@ -1,18 +1,22 @@
 """The zoo's rotary decoders (Llama, the trained small LM) as a functional KV-cache step.
 
 ``KVDecoder(model)(input_ids [B, S], positions [B, S], k_cache, v_cache)`` returns
-``(logits [B, S, vocab], k_cache', v_cache')``. The caches are explicit inputs and outputs,
-``[layers, B, kv_heads, C, head_dim]``, so one torch.export trace holds the whole step with no
-mutation: meshweave.compile turns it into the prefill program (S = the padded prompt) and the
-decode program (S = 1, or k + 1 to verify k drafted tokens).
+``(logits [B, S, vocab], k_cache', v_cache')``; with a fifth input ``tree_mask [S, S]`` the S
+tokens are a token tree (Medusa: passes/decoding/tree.py) scored in the same one program, and
+``hidden_states`` gives the final hidden state that Medusa heads read. The caches are explicit
+inputs and outputs, ``[layers, B, kv_heads, C, head_dim]``, so one torch.export trace holds the
+whole step with no mutation: meshweave.compile turns it into the prefill program (S = the
+padded prompt) and the decode program (S = 1, or k + 1 to verify k drafted tokens).
 
 The cache is static and indexed by position: the token at position p of a sequence writes
 slot p, and a query at position p sees slots 0..p. With prompts right-padded to one length,
 that mask alone is right: a real token never sees the padding after it, and the slot a pad
 token wrote is overwritten by the real token of that position before any query reaches it.
 For the same reason a rejected draft needs no cleanup: the next step rewrites its slot before
-reading it (rollback is not advancing the sequence's length). The weights are the wrapped
-model's own modules, so the step computes what the model computes, one position at a time.
+reading it (rollback is not advancing the sequence's length). A tree's nodes write the W slots
+after the cached length in node order; the accepted path is then copied down to consecutive
+slots (passes/decoding/tree.py compact_kv) and the rest is overwritten later. The weights are
+the wrapped model's own modules, so the step computes what the model computes.
 """
 
 from __future__ import annotations
@@ -65,15 +69,42 @@ class KVDecoder(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor):
+                v_cache: torch.Tensor, tree_mask: torch.Tensor | None = None):
+        hidden, k, v = self.hidden_states(input_ids, positions, k_cache, v_cache, tree_mask)
+        return self.model.lm_head(hidden), k, v
+
+    def _visibility(self, positions: torch.Tensor, capacity: int,
+                    tree_mask: torch.Tensor | None):
+        """(write slots [B, S], visible [B, 1, S, C]). Chain or prompt: token at position p
+        writes slot p and sees slots 0..p. Tree: node i writes slot L + i (L = positions[:, 0],
+        the root at the cached length; nodes of one depth share a position, not a slot) and
+        sees the committed slots < L plus the slots of the nodes j with tree_mask[i, j]."""
+        slots = torch.arange(capacity, device=positions.device)
+        if tree_mask is None:
+            return positions, slots[None, None, None, :] <= positions[:, None, :, None]
+        b, s = positions.shape
+        base = positions[:, :1]  # [B, 1]
+        write = base + torch.arange(s, device=positions.device)[None, :]
+        rel = slots[None, :] - base  # [B, C]: slot relative to the root's
+        cols = rel.clamp(0, s - 1).reshape(-1)
+        in_tree = tree_mask.to(torch.bool).index_select(1, cols).reshape(s, b, capacity)
+        in_tree = in_tree.permute(1, 0, 2) & ((rel >= 0) & (rel < s))[:, None, :]
+        return write, ((rel < 0)[:, None, :] | in_tree)[:, None]
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      tree_mask: torch.Tensor | None = None):
+        """(final normed hidden state [B, S, hidden], k_cache', v_cache'): what lm_head reads,
+        and what Medusa heads (models/medusa.py) read. tree_mask [S, S] (bool: node i attends
+        to node j; each node to itself and its ancestors) makes the S tokens a token tree whose
+        per-token positions (RoPE) are `positions` (the cached length + depth)."""
         m = self.model
         b, s = input_ids.shape
         capacity = k_cache.shape[3]
         x = m.embed(input_ids)
         cos, sin = self._rope(positions, x.dtype)
-        slots = torch.arange(capacity, device=positions.device)
-        visible = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, C]
-        index = positions[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
+        write, visible = self._visibility(positions, capacity, tree_mask)
+        index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
         n_rep = self.num_heads // self.num_kv_heads
         new_k, new_v = [], []
         for i, layer in enumerate(m.layers):
@@ -92,5 +123,4 @@ class KVDecoder(nn.Module):
                                                attn_mask=visible)
             x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
             x = x + layer.mlp(layer.mlp_norm(x))
-        logits = m.lm_head(m.norm(x))
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        return m.norm(x), torch.stack(new_k), torch.stack(new_v)

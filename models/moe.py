@@ -10,9 +10,14 @@ feed-forward layer:
 * every expert runs on every token as one batched matmul over stacked expert
   weights (``experts.w_in`` / ``experts.w_gate`` [E, d, f], ``experts.w_out``
   [E, f, d]); the leading expert dim is what an expert-parallel pass shards;
-* optionally a shared dense expert is mixed in as in DeepSpeed's PR-MoE
-  "residual MoE": ``out = moe(x) * c0 + mlp(x) * c1`` with
-  ``c = softmax(Linear(d, 2)(x))``.
+* optionally a shared dense expert is mixed in, as in DeepSpeed's PR-MoE
+  "residual MoE" (``shared_gate="softmax"``): ``out = moe(x) * c0 + mlp(x) * c1`` with
+  ``c = softmax(Linear(d, 2)(x))``; or as in Qwen2-MoE (``shared_gate="sigmoid"``):
+  ``out = moe(x) + sigmoid(Linear(d, 1, bias=False)(x)) * mlp(x)``.
+
+The zoo also holds meta-device configs of two published MoE models for the planner:
+``mixtral-8x7b`` (46.7B parameters) and ``qwen2-moe-57b`` (Qwen2-57B-A14B's shapes, 57.4B;
+its attention here has no q/k/v biases, 0.13M parameters fewer than the original).
 
 Dense dispatch wastes FLOPs (E/k times) but keeps the graph free of
 data-dependent shapes, which is what the exporter and planner need.
@@ -31,6 +36,9 @@ from .llama import GQAttention, RotaryDecoder, decoder_inputs
 from .registry import register_model
 
 
+SHARED_GATES = ("softmax", "sigmoid")
+
+
 @dataclass
 class MoEConfig:
     """Hyper-parameters of the MoE decoder."""
@@ -46,6 +54,7 @@ class MoEConfig:
     expert_activation: str = "swiglu"  # "swiglu" or "gelu"
     shared_expert: bool = True  # PR-MoE residual expert
     shared_ffn_size: int = 128
+    shared_gate: str = "softmax"  # "softmax" (PR-MoE coefficients) or "sigmoid" (Qwen2-MoE)
     max_seq_len: int = 64
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -60,6 +69,9 @@ class MoEConfig:
             raise ValueError(f"unknown expert_activation {self.expert_activation!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError("need 1 <= top_k <= num_experts")
+        if self.shared_gate not in SHARED_GATES:
+            raise ValueError(f"MoEConfig: unknown shared_gate {self.shared_gate!r}; expected "
+                             f"one of {SHARED_GATES}")
 
 
 class TopKRouter(nn.Module):
@@ -116,18 +128,25 @@ class MoEFeedForward(nn.Module):
         self.experts = StackedExperts(
             cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size, cfg.expert_activation
         )
-        self.shared_expert = (
-            SwiGLU(cfg.hidden_size, cfg.shared_ffn_size) if cfg.shared_expert else None
-        )
-        self.coefficient = nn.Linear(cfg.hidden_size, 2) if cfg.shared_expert else None
+        self.shared_gate = cfg.shared_gate
+        self.shared_expert = None
+        if cfg.shared_expert:
+            self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_ffn_size)
+            if cfg.shared_gate == "softmax":
+                self.coefficient = nn.Linear(cfg.hidden_size, 2)
+            else:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
         out = self.experts(tokens, self.router(tokens))
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_gate == "softmax":
             coef = F.softmax(self.coefficient(tokens), dim=-1)
             out = out * coef[:, 0:1] + self.shared_expert(tokens) * coef[:, 1:2]
+        elif self.shared_expert is not None:  # Qwen2-MoE's sigmoid gate
+            gate = torch.sigmoid(self.shared_expert_gate(tokens))
+            out = out + gate * self.shared_expert(tokens)
         return out.reshape(b, s, d)
 
 
@@ -163,5 +182,50 @@ register_model(
     MoEDecoder,
     decoder_inputs,
     "MoE decoder for tests: 2 layers, hidden 64, 4 SwiGLU experts top-2, shared PR-MoE expert",
+    family="moe",
+)
+register_model(
+    "mixtral-8x7b",
+    lambda: MoEConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        num_experts=8,
+        top_k=2,
+        expert_ffn_size=14336,
+        shared_expert=False,
+        max_seq_len=32768,
+        rope_theta=1e6,
+    ),
+    MoEDecoder,
+    decoder_inputs,
+    "Mixtral-8x7B (46.7B): 32 layers, hidden 4096, 32 heads / 8 KV heads, 8 SwiGLU experts "
+    "top-2 of ffn 14336, vocab 32000; for planning on the meta device",
+    family="moe",
+)
+register_model(
+    "qwen2-moe-57b",
+    lambda: MoEConfig(
+        vocab_size=151936,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        num_experts=64,
+        top_k=8,
+        expert_ffn_size=2560,
+        shared_expert=True,
+        shared_ffn_size=20480,
+        shared_gate="sigmoid",
+        max_seq_len=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    ),
+    MoEDecoder,
+    decoder_inputs,
+    "Qwen2-57B-A14B-class MoE (57.4B): 28 layers, hidden 3584, 28 heads / 4 KV heads, 64 "
+    "experts top-8 of ffn 2560, sigmoid-gated shared expert of ffn 20480, vocab 151936",
     family="moe",
 )

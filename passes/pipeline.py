@@ -30,10 +30,12 @@ def default_pipeline() -> list[Pass]:
     from .constant_fold import constant_fold
     from .cse import cse
     from .dce import dce
+    from .moe import recognize_moe
     from .shape_prop import shape_prop
 
     return [
         Pass("shape_prop", shape_prop, "re-derive value types from the registry's rules"),
+        Pass("moe", recognize_moe, "MoE blocks -> moe.experts (validated by execution)"),
         Pass("constant_fold", constant_fold, "evaluate nodes whose inputs are all constants"),
         Pass("cse", cse, "merge identical pure nodes"),
         Pass("dce", dce, "drop nodes whose outputs are unused"),

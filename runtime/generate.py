@@ -12,6 +12,10 @@ static-shape batch, their outputs dropped, until all are done).
 method="greedy" emits one argmax per step, "sample" draws from softmax(logits / temperature)
 cut to the top_p nucleus, and "prompt_lookup" / "jacobi" draft k tokens per step
 (passes/decoding/) that one verify program checks: their tokens are exactly greedy's.
+"medusa" drafts a token tree from trained heads (medusa_heads=, tree=), scored by one compiled
+program per step (runtime/tree_generate.py); with acceptance="exact", greedy's tokens too;
+acceptance="typical" is Medusa's typical acceptance at `temperature`, approximate (neither
+greedy's tokens nor sampling's distribution).
 """
 
 from __future__ import annotations
@@ -173,10 +177,18 @@ class Generator:
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, method: str = "greedy",
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = None,
                  attention_mask: Any = None, pad_token_id: int | None = None,
-                 seed: int | None = None, num_draft: int = 4, progress: bool = False
+                 seed: int | None = None, num_draft: int = 4, progress: bool = False,
+                 medusa_heads: Any = None, tree: Any = None, acceptance: str = "exact"
                  ) -> Generation:
         prompts = prompts_from(input_ids, attention_mask)
         self._check(prompts, max_new_tokens, method, temperature, top_p)
+        if method == "medusa":
+            return self._generate_medusa(prompts, max_new_tokens, medusa_heads, tree,
+                                         acceptance, temperature, eos_token_id, pad_token_id,
+                                         progress)
+        if medusa_heads is not None or tree is not None:
+            raise GenerationError(f"generate: medusa_heads= and tree= go with "
+                                  f"method='medusa', not {method!r}")
         if method in DRAFT_SOURCES and num_draft < 1:
             raise GenerationError(f"generate: num_draft={num_draft}: expected >= 1")
         width = num_draft + 1 if method in DRAFT_SOURCES else 1
@@ -233,14 +245,36 @@ class Generator:
 
                 bar(max(len(e) for e in state.emitted), max_new_tokens, f"generate ({method})")
         seconds = time.perf_counter() - t0
+        return self._result(state, method, steps, emitted, active_steps, seconds,
+                            compile_before, per_step, pad_token_id, eos_token_id)
+
+    def _result(self, state: ChainState, method: str, steps: int, emitted: int,
+                active_steps: int, seconds: float, compile_before: float,
+                per_step: list[float], pad_token_id: int | None, eos_token_id: int | None
+                ) -> Generation:
         pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
         longest = max(len(e) for e in state.emitted)
-        seqs = torch.full((batch, longest), pad, dtype=torch.int64)
+        seqs = torch.full((state.batch, longest), pad, dtype=torch.int64)
         for b, e in enumerate(state.emitted):
             seqs[b, :len(e)] = torch.tensor(e)
         return Generation(state.emitted, seqs, method, steps,
                           emitted / active_steps if active_steps else 0.0, seconds,
                           self.compile_seconds - compile_before, per_step)
+
+    def _generate_medusa(self, prompts, max_new_tokens, heads, tree, acceptance, temperature,
+                         eos_token_id, pad_token_id, progress) -> Generation:
+        """Tree decoding with Medusa heads (runtime/tree_generate.py)."""
+        from meshweave.runtime.tree_generate import medusa_source, run_tree
+
+        try:
+            source = medusa_source(heads, tree, self.step_module.model, acceptance)
+        except ValueError as e:
+            raise GenerationError(f"generate: {e}") from None
+        compile_before = self.compile_seconds
+        out = run_tree(self, prompts, max_new_tokens, source, acceptance=acceptance,
+                       temperature=temperature, eos_token_id=eos_token_id, progress=progress)
+        return self._result(out[0], "medusa", *out[1:5], compile_before, out[5], pad_token_id,
+                            eos_token_id)
 
 
 def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None = None

@@ -58,7 +58,8 @@ def test_passes_preserve_numerics_and_shrink_the_graph():
     assert "aten.exp.default" not in counts  # DCE removed the dead branch
     assert "aten._softmax.default" not in counts  # folded into a constant
     torch.testing.assert_close(run_graph(full, [x])[0], m(x))
-    assert [r.name for r in full.provenance] == ["shape_prop", "constant_fold", "cse", "dce"]
+    assert [r.name for r in full.provenance] == ["shape_prop", "moe", "constant_fold", "cse",
+                                                   "dce"]
 
 
 def test_printer_is_stable_and_shows_types_symbols_and_passes():
@@ -79,8 +80,8 @@ def test_dump_dir_has_one_file_per_pass(tmp_path):
     opts = meshweave.CompileOptions(dump_dir=str(tmp_path))
     meshweave.compile(Redundant(), (torch.randn(3, 8),), options=opts)
     names = sorted(os.listdir(tmp_path))
-    assert names[:5] == ["00_frontend.mwir", "01_shape_prop.mwir", "02_constant_fold.mwir",
-                         "03_cse.mwir", "04_dce.mwir"]
+    assert names[:6] == ["00_frontend.mwir", "01_shape_prop.mwir", "02_moe.mwir",
+                         "03_constant_fold.mwir", "04_cse.mwir", "05_dce.mwir"]
     assert "final.mwir" in names and "explain.txt" in names
 
 

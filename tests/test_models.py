@@ -37,6 +37,8 @@ BIG_MODELS = {
     "gpt3-175b": 175.0e9,
     "llama-8b": 8.03e9,
     "llama-70b": 70.6e9,
+    "mixtral-8x7b": 46.7e9,
+    "qwen2-moe-57b": 57.4e9,
 }
 
 FAMILIES = {"gpt", "llama", "moe", "conv", "hf"}

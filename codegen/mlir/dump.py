@@ -89,7 +89,10 @@ def dump_mlir(
         )
     if has_dist:
         graph = _with_send_tokens(graph)
-    gm = graph_to_module(graph, _collective_stub if has_dist else None)
+    from ..onnx.translations import onnx_form  # static-shape stand-ins (moe.experts)
+
+    stub = _collective_stub if has_dist else None
+    gm = graph_to_module(graph, lambda n: (stub(n) if stub else None) or onnx_form(n))
     args = tuple(inputs) if inputs is not None else tuple(example_inputs(graph))
     try:
         module = torch_mlir_fx.export_and_import(

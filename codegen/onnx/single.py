@@ -33,7 +33,7 @@ from meshweave.ir.types import TensorType, dtype_short
 from meshweave.runtime.compare import ComparisonError, max_errors
 from meshweave.runtime.reference import node_callable
 from .matmul_nbits import lower_quant_linears
-from .translations import translation_table
+from .translations import onnx_form, translation_table
 
 OPSET = 18  # pinned: every file meshweave writes uses this opset
 # Protobuf cannot serialize a message over 2 GiB; above this the weights go to external data.
@@ -257,7 +257,7 @@ def export_graph_program(
                 f"graph {graph.name}: output %{v.name} is {v.type}; "
                 "ONNX graph outputs must be tensors"
             )
-    gm = graph_to_module(graph)
+    gm = graph_to_module(graph, onnx_form)  # static-shape stand-ins (moe.experts)
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" noise on every export

@@ -147,3 +147,60 @@ def _output_types_like(ctx, index: int, n_outputs: int) -> None:
         t = onnx.TypeProto()
         t.tensor_type.elem_type = src.tensor_type.elem_type
         ctx.set_output_type(i, t)
+
+
+# ----------------------------------------------------------------------------- traced forms
+# Some IR ops have an eager rule torch.export cannot trace to a static graph (moe.experts sorts
+# tokens by expert: data-dependent shapes). ONNX_FORMS gives such an op a torch function with
+# static shapes that computes the same thing; graph_to_module calls it in the op's place, so
+# torch.onnx sees ATen ops torchlib knows.
+ONNX_FORMS = RuleTable("onnx_form")
+
+
+def onnx_form(node) -> Callable | None:
+    """graph_to_module's override for the ONNX export: the node's traced form, if it has one."""
+    return ONNX_FORMS.get(node.op)
+
+
+@ONNX_FORMS.register("moe.experts")
+def moe_experts_dense(x, weights, ids, w_in, w_gate, w_out, *, act="silu", layout="kn",
+                      fused_gate_up=False, capacity_factor=None):
+    """moe.experts, dense and exact: every expert on every token (E/k times the FLOPs of the
+    sparse rule), each token's combine weights scattered from its ids into [T, E] (zero for
+    experts it did not pick). Capacity drops the pairs past an expert's capacity in token
+    order, as the eager rule does, via a running count of each expert's pairs."""
+    import torch
+
+    from meshweave.ir.ops.moe import ACTIVATIONS, capacity, check_args
+
+    check_args(x, weights, ids, w_in, w_gate, w_out, act, layout, fused_gate_up)
+    t, k = ids.shape
+    e = w_in.shape[0]
+    pair_w = weights.to(torch.float32)
+    dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+    cap = capacity(t, k, e, capacity_factor)
+    if cap is not None:  # rank of each (token, slot) among its expert's pairs, in flat order
+        one_hot = torch.nn.functional.one_hot(ids.reshape(-1), e)
+        rank = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1).reshape(t, k)
+        kept = rank < cap
+        pair_w = pair_w * kept
+        dropped = (t * k - kept.sum()).to(torch.int64)
+    combine = torch.zeros((t, e), dtype=torch.float32, device=x.device).scatter_add(
+        1, ids, pair_w)
+
+    def proj(h, w):
+        return torch.bmm(h, w if layout == "kn" else w.transpose(1, 2))
+
+    xe = x.unsqueeze(0).expand(e, t, x.shape[1])
+    fn = ACTIVATIONS[act]
+    up = proj(xe, w_in)
+    if fused_gate_up:
+        gate, up = up.chunk(2, dim=-1)
+        inner = fn(gate) * up
+    elif w_gate is not None:
+        inner = fn(proj(xe, w_gate)) * up
+    else:
+        inner = fn(up)
+    y = proj(inner, w_out)  # [E, T, d]
+    y = (combine.t().unsqueeze(-1).to(y.dtype) * y).sum(dim=0)
+    return y.to(x.dtype), dropped

@@ -2,7 +2,8 @@
 
 Pipeline: schedule.py groups nodes into kernels (fusion rules by op, via RuleTables) -> the
 templates in kernels/ emit one Triton kernel per group (pointwise.py, reduction.py, matmul.py,
-flash_attention.py, quant_matmul.py; emitter.py is the body emitter they share, lowering.py
+flash_attention.py, quant_matmul.py, grouped_gemm.py + moe_dispatch.py for moe.experts;
+emitter.py is the body emitter they share, lowering.py
 turns one op into a Triton expression, indexing.py views into index arithmetic, tvalues.py
 typed expressions) ->
 memory_plan.py reuses dead buffers -> wrapper.py writes a module with a call() that allocates
@@ -16,7 +17,8 @@ K/V heads and constant causal masks directly.
 Rule tables (ir.registry.RuleTable, keyed by op name): LOWERINGS "triton_lowering"
 (pointwise and indexed ops -> Triton expressions), VIEW_INDEX "triton_view_index" (views ->
 index maps), REDUCTIONS "triton_reduction", MATMULS "triton_matmul", ATTENTION
-"triton_attention", QUANT_MATMULS "triton_quant_matmul" (quant.linear). An op in none of
+"triton_attention", QUANT_MATMULS "triton_quant_matmul" (quant.linear), MOE_KERNELS
+"triton_moe_experts" (moe.experts: two grouped-GEMM launches). An op in none of
 them runs through the reference executor and is listed with the reason in explain() and the
 dump (kernels.txt). New kernels (a pass family's) go in
 kernels/ and register in these tables.

@@ -1,6 +1,6 @@
 """What a generated module's call() uses at run time: launch configurations, the matmul
-variant chooser, attention, the quantized GEMM, and the reference executor for nodes that
-were not compiled.
+variant chooser, attention, the quantized GEMM, moe.experts on the grouped GEMM, and the
+reference executor for nodes that were not compiled.
 
 Launch sizes are computed from the actual sizes on every call (shapes may be symbolic), so one
 generated module serves every shape. Matmuls are the one place where the choice of code
@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from meshweave.ir.graph import Graph, Node
+from meshweave.ir.ops.moe import moe_experts as reference_moe_experts
 from meshweave.ir.ops.quant import quant_linear as reference_quant_linear
 from meshweave.runtime.reference import run_node
 from .fast_launch import current_raw_stream, set_stream
 from .kernels.flash_attention import flash_attention
+from .kernels.moe_dispatch import moe_experts_grouped
 from .kernels.quant_matmul import quant_matmul
 
 TORCH = "torch"
@@ -363,6 +365,18 @@ class KernelRuntime:
                                           group_size=group_size)
         return quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, kernels=kernels,
                             interpret=self.interpret, allow_tf32=self.allow_tf32)
+
+    # --- moe.experts ----------------------------------------------------------------------------
+    def moe_experts(self, kernel, x, weights, ids, w_in, w_gate, w_out, **attrs) -> tuple:
+        """(y, dropped) by the grouped GEMM (kernels/moe_dispatch.py); policy "torch" runs the
+        op's eager rule (ir/ops/moe.py). While precompile.py warms the module nothing runs:
+        sorting garbage ids would index out of range."""
+        if self.warming:
+            return torch.empty_like(x), torch.zeros((), dtype=torch.int64, device=x.device)
+        if self.matmuls.policy == TORCH:
+            return reference_moe_experts(x, weights, ids, w_in, w_gate, w_out, **attrs)
+        return moe_experts_grouped(x, weights, ids, w_in, w_gate, w_out, kernel=kernel,
+                                   interpret=self.interpret, allow_tf32=self.allow_tf32, **attrs)
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, enable_gqa) -> torch.Tensor:

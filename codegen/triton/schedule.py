@@ -3,6 +3,7 @@
 Every node is classified by the rule tables (no op-name if-chains): VIEW_INDEX -> a view
 (index arithmetic, never a kernel of its own), REDUCTIONS -> reduction, MATMULS -> matmul,
 ATTENTION -> flash attention, QUANT_MATMULS -> quant (the weight-only quantized GEMM),
+MOE_KERNELS -> moe (moe.experts on the grouped GEMM),
 LOWERINGS -> pointwise; SymInt arithmetic runs in the wrapper ("host"); anything else, or
 anything in a dtype the backend does not support, runs through the reference executor
 ("fallback", with the reason).
@@ -18,7 +19,7 @@ Nodes are then placed greedily in program order:
     before it runs as the Triton template or as cuBLAS (chosen later, per shape);
   * a reduction turns the pointwise group that produces its input into a reduction group (or
     joins a reduction group over the same rows), else starts one;
-  * matmul, attention and quant.linear nodes start their own groups.
+  * matmul, attention, quant.linear and moe.experts nodes start their own groups.
 A join is refused if it would make the group graph cyclic (a group may not need, through
 another group, a value it produces itself).
 """
@@ -40,8 +41,9 @@ from .kernels.reduction import REDUCTIONS, value_class
 from .lowering import LOWERINGS, Pointwise
 from .kernels.matmul import MATMULS, domain_index, epilogue_domain
 from .kernels.quant_matmul import QUANT_MATMULS
+from .kernels.moe_dispatch import MOE_KERNELS
 
-KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention", "quant")
+KERNEL_KINDS = ("pointwise", "reduction", "matmul", "attention", "quant", "moe")
 BASE_DTYPES = {
     torch.float32,
     torch.float16,
@@ -58,7 +60,7 @@ GPU_ONLY_DTYPES = {torch.bfloat16}  # numpy (the interpreter) has no bfloat16
 @dataclasses.dataclass(eq=False)
 class Group:
     id: int
-    kind: str  # pointwise | reduction | matmul | attention | quant | host | fallback
+    kind: str  # pointwise | reduction | matmul | attention | quant | moe | host | fallback
     nodes: list[Node]
     shape: tuple = ()
     red_dims: tuple[int, ...] = ()
@@ -114,6 +116,7 @@ def classify(n: Node, hints, interpret: bool, forced: dict[Node, str]) -> tuple[
         (MATMULS, "matmul"),
         (ATTENTION, "attention"),
         (QUANT_MATMULS, "quant"),
+        (MOE_KERNELS, "moe"),
         (LOWERINGS, "pointwise"),
     ):
         rule = table.get(n.op)
@@ -465,7 +468,7 @@ def schedule(
 
 def kernel_name(g: Group, index: int) -> str:
     prefix = {"pointwise": "poi", "reduction": "red", "matmul": "mm", "attention": "fa",
-              "quant": "qmm"}[g.kind]
+              "quant": "qmm", "moe": "moe"}[g.kind]
     names: list[str] = []
     for n in g.nodes:
         short = n.op.split(".")[1].lstrip("_") if "." in n.op else n.op

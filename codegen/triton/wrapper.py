@@ -25,6 +25,8 @@ from .kernels.pointwise import KernelSource, emit_pointwise, interpreter_loops
 from .kernels.reduction import emit_reduction
 from .kernels.matmul import MATMULS, bias_only, emit_matmul, is_bare
 from .kernels.quant_matmul import QUANT_MATMULS, quant_kernel_source
+from .kernels.grouped_gemm import kernel_source as moe_kernel_source
+from .kernels.moe_dispatch import MOE_KERNELS
 from .memory_plan import plan_reuse
 from .schedule import Group, Schedule, kernel_name, schedule
 from .tvalues import CodegenError
@@ -158,6 +160,7 @@ class _Wrapper:
         self.loaded = {v for ks in kernels.values() for k in ks for v in k.inputs}
         self.uses_attention = any(g.kind == "attention" for g in sched.groups)
         self.uses_quant = any(g.kind == "quant" for g in sched.groups)
+        self.uses_moe = any(g.kind == "moe" for g in sched.groups)
         self.reuse = plan_reuse(graph, sched)
 
     # --- names and expressions -----------------------------------------------------------------
@@ -258,6 +261,8 @@ class _Wrapper:
             self.defs.insert(0, self.mode_text(FLASH_ATTENTION_SOURCE))
         if self.uses_quant:
             self.defs.insert(0, quant_kernel_source(self.interpret))
+        if self.uses_moe:
+            self.defs.insert(0, moe_kernel_source(self.interpret))
         body = ["", "def call(inputs, state, rt):"] + self.lines
         return "\n".join(head) + "\n\n" + "\n\n".join(self.defs) + "\n" + "\n".join(body) + "\n"
 
@@ -419,6 +424,20 @@ class _Wrapper:
             f"{args}, bits={n.kwargs['bits']!r}, group_size={n.kwargs['group_size']!r})"
         )
         self.record(g, "triton_quant_matmul", quant_kernel_source(self.interpret))
+
+    def group_moe(self, g: Group) -> None:
+        """moe.experts: rt.moe_experts sorts the pairs, runs two grouped-GEMM launches and the
+        combine, and returns (y, dropped) as the op's eager rule does."""
+        self.comment(g, "triton_moe_grouped_gemm")
+        n = g.anchor
+        rule = MOE_KERNELS.get(n.op)
+        args = ", ".join("None" if v is None else self.real(v) for v in rule.operands(n))
+        attrs = ", ".join(f"{k}={v!r}" for k, v in rule.attrs(n).items())
+        outs = [f"buf_{o.name}" for o in n.outputs]
+        self.emit(f"{', '.join(outs)}, = rt.moe_experts(triton_moe_grouped_gemm, {args}, {attrs})")
+        for o, name in zip(n.outputs, outs):
+            self.names[o] = name
+        self.record(g, "triton_moe_grouped_gemm", moe_kernel_source(self.interpret))
 
     def group_host(self, g: Group) -> None:
         n = g.anchor

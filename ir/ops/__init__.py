@@ -13,6 +13,9 @@ Modules, by op category:
   linalg.py      mm/bmm/addmm/linear/sdpa/convolution/embedding
   misc.py        tensor creation, random-free utilities and SymInt arithmetic
   quant.py       quant.linear: weight-only quantized linear on packed int2/3/4/8 weights
+  moe.py         moe.experts: MoE dispatch, expert MLPs and combine (sparse, dropless)
+  moe_ep.py      moe.experts_ep: its expert-parallel form in per-rank programs (all_to_all)
 """
 
-from . import collectives, linalg, misc, pointwise, quant, reductions, shape_ops  # noqa: F401
+from . import collectives, linalg, misc, moe, moe_ep, pointwise  # noqa: F401
+from . import quant, reductions, shape_ops  # noqa: F401

@@ -23,7 +23,8 @@ DeviceMesh with global device ids.
                 parallel) in training
   recompute     per stage: activations recomputed in backward
   collectives   the collectives the lowering inserts (kind, value, axis, bytes)
-  estimate      seconds: compute, communication, bubble, total
+  estimate      seconds: compute, communication, bubble, total (the all-to-all of expert
+                parallelism is inside compute: cost/moe_cost.py adds it to the MoE node's time)
   memory        bytes per device (max over the devices of each stage)
 """
 
@@ -197,4 +198,37 @@ class Plan:
             lines.append(f"  peak memory per device {size}")
         lines.append(f"  collectives: {len(self.collectives)} inserted, of kinds "
                      + ", ".join(sorted({c.kind for c in self.collectives})))
+        ep = ep_line(self.search.get("ep") if isinstance(self.search, dict) else None)
+        if ep:
+            lines.append(ep)
         return "\n".join(lines)
+
+
+def ep_line(info: dict[str, Any] | None) -> str | None:
+    """The summary line of plan.search["ep"] (search/moe_plan.py's ep_info), for MoE plans."""
+    if not info:
+        return None
+    if info["degree"] <= 1:
+        return (f"  expert parallelism off: ep=1, all {info['experts']} experts on every "
+                f"device of a stage ({info['moe_layers']} MoE layers), no all-to-all")
+    size = info["exchange_bytes"]
+    text = f"{size / 2**20:.2f} MiB" if size >= 2**17 else f"{size / 2**10:.1f} KiB"
+    stages = info.get("stage_degrees")
+    per_stage = (f" (first stage; per stage ep={_run_length(stages)})"
+                 if stages and len(set(stages)) > 1 else "")
+    return (f"  expert parallelism: ep={info['degree']} over mesh axis "
+            f"{'x'.join(info['axes'])}{per_stage}, {info['experts_per_device']} of "
+            f"{info['experts']} experts per device, {info['moe_layers']} MoE layers; all-to-all "
+            f"{text} per device per exchange, {info['all_to_all_seconds'] * 1e3:.3f} ms per "
+            f"layer and micro-batch ({info['routing']} routing assumed)")
+
+
+def _run_length(values: list[int]) -> str:
+    """[8, 1, 1, 1] -> "8,3*1"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ",".join(f"{n}*{v}" if n > 1 else str(v) for v, n in runs)

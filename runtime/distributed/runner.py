@@ -57,7 +57,7 @@ class RunSpec:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    devices: int = 0  # for plan="auto"; 0 means dp * tp * pp
+    devices: int = 0  # for plan="auto"; 0 means dp * ep * tp * pp
     micro_batches: int = 1
     schedule: str = "gpipe"
     zero: bool = False
@@ -77,6 +77,9 @@ class RunSpec:
     # batches: the traced graph is meshweave.compile's with CompileOptions(quantize=, calibration=)
     quantize: Any = None
     calibration: tuple | None = None
+    # Expert parallelism: a (dp, ep, tp) stage mesh whose "ep" axis splits moe.experts' experts
+    # (strategies/moe_rules.py); None keeps the (dp, tp) mesh
+    ep: int | None = None
 
     def __post_init__(self):
         if self.plan not in PLAN_KINDS:
@@ -90,7 +93,7 @@ class RunSpec:
 
     @property
     def world_size(self) -> int:
-        return self.devices or self.dp * self.tp * self.pp
+        return self.devices or self.dp * (self.ep or 1) * self.tp * self.pp
 
 
 @dataclasses.dataclass
@@ -232,6 +235,7 @@ def _planner_plan(spec: RunSpec, graph: Graph, planner):
             micro_batches=spec.micro_batches,
             batch=spec.batch,
             training=spec.training,
+            ep=spec.ep,
         )
         plan.schedule, plan.zero = spec.schedule, spec.zero
     plan.training = spec.training
@@ -264,7 +268,7 @@ def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
     """The runtime's own plan: dp replicas x pp stages of (roughly) equal node counts."""
     from ...passes.parallel.plan import Plan, StagePlan
 
-    if spec.tp != 1 or spec.plan in ("auto", "file"):
+    if spec.tp != 1 or spec.ep is not None or spec.plan in ("auto", "file"):
         raise DistributedError(
             f"plan {spec.plan!r} (tp={spec.tp}) needs the planner's "
             f"lowering (passes/parallel/lower/), which is not available"

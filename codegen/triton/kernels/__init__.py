@@ -5,6 +5,8 @@
   matmul.py           a tl.dot template with a fused epilogue (MATMULS)
   flash_attention.py  flash attention forward (ATTENTION)
   quant_matmul.py     weight-only int4/int8 GEMM for quant.linear, split-K (QUANT_MATMULS)
+  grouped_gemm.py     one launch for every expert's GEMM over rows sorted by expert
+  moe_dispatch.py     moe.experts on it: sort, gated up + down launches, combine (MOE_KERNELS)
 
 May import: meshweave.ir and the shared pieces of codegen/triton/ (emitter, indexing,
 tvalues, lowering); never schedule.py or wrapper.py, which import these.

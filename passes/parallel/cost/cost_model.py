@@ -14,7 +14,10 @@ is split over that axis (the Megatron "f" all-reduce), Replicate when the input 
 (the backward of an all-reduce is free), else the input's placement; it is resharded back to
 the producer's placement (Partial producers take a replicated gradient). Parameter gradients
 that need no forward collective are reduced once per step (data-parallel gradient sync), not
-once per micro-batch: they are returned separately as `per_step`.
+once per micro-batch: they are returned separately as `per_step`. Values no gradient reaches
+(rotary tables, masks, integer ids: nothing upstream is a trainable parameter) pay no backward
+collective at all (`edge_kind`). Under expert parallelism (the ep strategy of moe.experts) a
+node's time includes its dispatch and combine all-to-all (moe_cost.py).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from meshweave.ir.sharding import Partial, Replicate, Shard
 from meshweave.ir.types import TensorType
 from .collectives import _transition_rank, link_for_axis, resharding_cost
 from .hardware import HardwareSpec, canonical_dtype
+from .moe_cost import exchange_time
 from .optimizer_shard import param_training_memory
 from ..strategies.axis import node_inputs
+from ..strategies.moe_rules import check_ep_mesh, restrict_for_ep
 from ..strategies.node_strategies import (
     BatchInfo,
     NodeStrategy,
@@ -45,7 +50,19 @@ from ..strategies.node_strategies import (
 )
 
 R, P = Replicate(), Partial()
+ACTIVATION, PARAM, NO_GRAD = 0, 1, 2  # edge kinds: how a value's gradient flows back
 _NO_SAVE = {"view", "sym", "constant", "assert", "creation"}
+
+
+def grad_free_values(graph: Graph) -> set[Value]:
+    """Values no gradient flows into: everything not downstream of a floating parameter."""
+    has_grad = {v for v in graph.inputs if v.kind == "param" and isinstance(v.type, TensorType)
+                and v.type.dtype.is_floating_point}
+    for n in graph.nodes:
+        if any(v in has_grad for v in n.inputs):
+            has_grad.update(o for o in n.outputs if isinstance(o.type, TensorType)
+                            and o.type.dtype.is_floating_point)
+    return {v for v in graph.all_values() if v not in has_grad}
 
 
 def compute_dtype(graph: Graph, spec: HardwareSpec) -> str:
@@ -88,6 +105,8 @@ class MeshModel:
         self.canon = canonical_batch(micro_batch, mesh.size)
         self._strat_types = self.types if self.canon == micro_batch else None
         self._batch, self._traced_types = batch, types
+        self._grad_free = grad_free_values(graph) if training else set()
+        check_ep_mesh(graph, mesh, types)  # an "ep" axis needs moe.experts nodes it divides
 
     # ------------------------------------------------------------------ strategies
     def strategies(self, n: Node) -> list[NodeStrategy]:
@@ -98,12 +117,13 @@ class MeshModel:
                 self._strat_types = effective_types(
                     self.graph, self._batch, self.canon, self._traced_types
                 )
-            s = self.comm.strategies[key] = mesh_strategies(
+            s = mesh_strategies(
                 n,
                 self._strat_types,
                 self.mesh.shape,
                 batch=self._batch if self.restrict_outer else None,
             )
+            s = self.comm.strategies[key] = restrict_for_ep(n, s, self.mesh, self._batch)
         return s
 
     def input_options(
@@ -129,9 +149,11 @@ class MeshModel:
         times, mem = [], []
         for s in strats:
             flops, moved, out_bytes = self._local_cost(n, s)
-            times.append(
-                self.spec.compute_time(flops, moved, self.dtype) if flops or moved else 0.0
-            )
+            t = self.spec.compute_time(flops, moved, self.dtype) if flops or moved else 0.0
+            # expert parallelism's dispatch + combine all-to-all (moe_cost.py)
+            t += exchange_time(n, s, self._local_of, self.mesh.shape, self.comm.links,
+                               self.training)
+            times.append(t)
             mem.append(out_bytes if self.training and cat not in _NO_SAVE else 0.0)
         return np.array(times), np.array(mem, dtype=float)
 
@@ -140,6 +162,9 @@ class MeshModel:
         in_local = [self._local(v, pl, ms) for v, pl in zip(node_inputs(n), s.ins)]
         out_local = [self._local(o, pl, ms) for o, pl in zip(n.outputs, s.outs)]
         return _op_cost(n, tuple(in_local), tuple(out_local))
+
+    def _local_of(self, v: Value, pl: Placements | None) -> Any:
+        return self._local(v, pl, self.mesh.shape)
 
     def _local(self, v: Value, pl: Placements | None, ms: Sequence[int]) -> Any:
         t = self.types.get(v, v.type)
@@ -185,7 +210,13 @@ class MeshModel:
         `dst_ids` (interned) of consumers whose work is split as `dst_split`."""
         t = self.types.get(v)
         size = nbytes(t) if isinstance(t, TensorType) else 0.0
-        return self.comm.edge_matrix(src_ids, dst_ids, dst_split, size, v.kind == "param")
+        return self.comm.edge_matrix(src_ids, dst_ids, dst_split, size, self.edge_kind(v))
+
+    def edge_kind(self, v: Value) -> int:
+        """PARAM, NO_GRAD (nothing trainable upstream) or ACTIVATION."""
+        if v.kind == "param":
+            return PARAM
+        return NO_GRAD if v in self._grad_free else ACTIVATION
 
     @property
     def zero_sync_factor(self) -> float:
@@ -314,7 +345,7 @@ class CommTable:
         self._nsplit = 2**mesh.ndim
         self._pair: dict[tuple[int, int], tuple[float, float]] = {}
         self._grad: dict[tuple[int, int], tuple[int, int]] = {}
-        self._tab = np.full((2, 4, 0, 0), np.nan)  # [is_param, coef, src, dst*nsplit+split]
+        self._tab = np.full((3, 4, 0, 0), np.nan)  # [edge kind, coef, src, dst*nsplit+split]
 
     def intern(self, pls: Sequence[Placements | None]) -> np.ndarray:
         """Small integer ids for placements (hashing them once, not once per matrix entry)."""
@@ -333,21 +364,21 @@ class CommTable:
         dst_ids: np.ndarray,
         dst_split: Sequence[tuple[bool, ...]],
         nbytes: float,
-        is_param: bool,
+        kind: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         masks = np.array(
             [sum(1 << a for a, x in enumerate(sp) if x) for sp in dst_split], dtype=np.int64
         )
         cols = dst_ids * self._nsplit + masks
         self._grow(max(int(src_ids.max(initial=0)), int(dst_ids.max(initial=0))) + 1)
-        tab = self._tab[int(is_param)]
+        tab = self._tab[int(kind)]
         sub = tab[:, src_ids][:, :, cols]
         missing = np.isnan(sub[0])
         if missing.any():
             for i, j in zip(*np.nonzero(missing)):
                 a, c = int(src_ids[i]), int(cols[j])
                 if np.isnan(tab[0, a, c]):
-                    tab[:, a, c] = self._coefficients(a, c, is_param)
+                    tab[:, a, c] = self._coefficients(a, c, kind)
             sub = tab[:, src_ids][:, :, cols]
         with np.errstate(invalid="ignore"):
             per_mb = np.where(np.isinf(sub[0]), np.inf, sub[0] + sub[1] * nbytes)
@@ -359,18 +390,20 @@ class CommTable:
         if n <= have:
             return
         size = max(n, 2 * have, 32)
-        tab = np.full((2, 4, size, size * self._nsplit), np.nan)
+        tab = np.full((3, 4, size, size * self._nsplit), np.nan)
         tab[:, :, :have, : have * self._nsplit] = self._tab
         self._tab = tab
 
-    def _coefficients(self, a: int, col: int, is_param: bool) -> list[float]:
-        """(A, B) per micro-batch and per step of moving placements a -> col's placement."""
+    def _coefficients(self, a: int, col: int, kind: int) -> list[float]:
+        """(A, B) per micro-batch and per step of moving placements a -> col's placement, for
+        an edge of `kind` (ACTIVATION, PARAM or NO_GRAD)."""
+        is_param = kind == PARAM
         d, mask = divmod(col, self._nsplit)
         fa, fb = self._reshard_coef(a, d)
         if not math.isfinite(fa):
             return [math.inf, 0.0, 0.0, 0.0]
         ba = bb = 0.0
-        if self.training:
+        if self.training and kind != NO_GRAD:
             gd, gs = self._grad_ids(a, d, mask)
             ba, bb = self._reshard_coef(gd, gs)
         if is_param and fa == 0.0 and fb == 0.0:
@@ -413,14 +446,14 @@ class CommTable:
         dst: Placements,
         split: tuple[bool, ...],
         nbytes: float,
-        is_param: bool,
+        kind: int,
     ) -> tuple[float, float, float]:
         """Moving a value from src to dst: (seconds per micro-batch, fixed seconds per step,
         per-byte seconds per step). The per-step terms are the gradient reduction; its fixed
         part (latency) is paid once per bucket of gradients, not once per parameter."""
         a, d = (int(x) for x in self.intern([src, dst]))
         mask = sum(1 << i for i, x in enumerate(split) if x)
-        c = self._coefficients(a, d * self._nsplit + mask, is_param)
+        c = self._coefficients(a, d * self._nsplit + mask, kind)
         per_mb = c[0] + c[1] * nbytes if math.isfinite(c[0]) else math.inf
         return per_mb, c[2], c[3] * nbytes
 

@@ -11,6 +11,8 @@ only local shapes in their size arguments; the others:
   embedding       vocab parallel (weight sharded on rows, output Partial): look up local rows,
                   zero the rows of ids outside this rank's vocabulary range
   mean            over a sharded dim (output Partial): scale the local mean by 1 / shards
+  moe.experts     expert parallel (experts and tokens split on one axis): moe.experts_ep,
+                  the all_to_all dispatch and combine over that axis's group
 
 `setup.block_sources` says how a piece-by-piece (blocked) layout requested by a split flows back
 through an op to its inputs (to the fused weight, in the end).
@@ -18,6 +20,7 @@ through an op to its inputs (to the fused weight, in the end).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from meshweave.ir.graph import Node, Value
@@ -193,3 +196,40 @@ def mean_rule(rl, n, args, kwargs, out_types, out_pls):
             placements=out_pls,
         )
     ]
+
+
+@LOWERING_RULES.register("moe.experts")
+def moe_experts_rule(rl, n, args, kwargs, out_types, out_pls):
+    """Under the ep strategy (stacked expert weights split on E over mesh axes on which the
+    tokens are split too) a rank runs `moe.experts_ep` (ir/ops/moe_ep.py) over the group of
+    those axes; otherwise the local moe.experts on its tokens (batch) or f-slices (expert
+    slicing: the output is the partial sum the plan says)."""
+    ins = node_inputs(n)
+    x, w_in = n.args[0], n.args[3]
+    x_pl, w_pl = rl.su.in_pl[n][ins.index(x)], rl.su.in_pl[n][ins.index(w_in)]
+    axes = [a for a, p in enumerate(w_pl)
+            if isinstance(p, Shard) and p.dim == 0 and rl.mesh.shape[a] > 1]
+    if not axes:
+        return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+    if any(x_pl[a] != Shard(0) for a in axes):
+        where = f" (from {n.source})" if n.source else ""
+        raise LoweringError(
+            f"moe.experts %{n.outputs[0].name}{where}: experts split on E over mesh axes "
+            f"{[rl.mesh.names[a] for a in axes]} with tokens {tuple(map(str, x_pl))}; expert "
+            f"parallelism needs the tokens split (dim 0) on every axis that splits the experts"
+        )
+    kw = dict(kwargs, axis=",".join(rl.mesh.names[a] for a in axes),
+              group=_group_over(rl, axes), num_experts=rl.su.types[w_in].shape[0])
+    return rl.emit_like(n, "moe.experts_ep", args, kw, out_types, out_pls)
+
+
+def _group_over(rl, axes: list[int]) -> list[int]:
+    """This rank's group over mesh `axes`, ordered as the shard specs number the chunks of a
+    dim split over them (axis 0 outermost): ascending global ranks."""
+    out = []
+    for point in itertools.product(*(range(rl.mesh.shape[a]) for a in axes)):
+        c = list(rl.coords)
+        for a, k in zip(axes, point):
+            c[a] = k
+        out.append(rl.mesh.coords_rank(c))
+    return out

@@ -22,6 +22,7 @@ from meshweave.ir.sharding import Partial, Placement, Replicate, Shard, parse_pl
 from meshweave.ir.types import OpaqueType, TensorType
 from ..plan import Plan
 from ..strategies.axis import node_inputs
+from ..strategies.moe_rules import fused_gate_up_blocks
 from ..strategies.shape_rules import view_groups
 from ..strategies.node_strategies import (
     BatchInfo,
@@ -187,6 +188,7 @@ def _blocked_layouts(su: LoweringSetup) -> dict[Value, dict[int, tuple[int, ...]
             sizes = tuple(su.types[o].shape[d] for o in n.outputs)
             if len(sizes) > 1:
                 work.append((x, d, sizes))
+    work += fused_gate_up_blocks(su)  # moe.experts' [gate; up] weights under expert slicing
     while work:
         v, d, blocks = work.pop()
         if out.get(v, {}).get(d) == blocks:

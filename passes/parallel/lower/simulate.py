@@ -6,10 +6,12 @@ A test oracle for the lowering without processes or torch.distributed. Each rank
 next collective on that group (they must agree on the op, or the programs are mismatched and
 a deadlock is reported); the result is computed from the ranks' tensors in-process: sum for
 all_reduce, concatenation in group order for all_gather, sum then chunk for reduce_scatter,
-chunk exchange for all_to_all. `dist.send` posts to a mailbox keyed by (src, dst, tag) and
-`dist.recv` waits for it. The global batch is cut into plan.micro_batches micro-batches along
-each user input's batch dim; every micro-batch runs all programs to completion, and the last
-stage's (replicated) outputs are concatenated back along their batch dims.
+chunk exchange for all_to_all, and moe.experts_ep (a collective on all its arguments) runs
+each rank's tokens through the experts of its whole group. `dist.send` posts to a mailbox
+keyed by (src, dst, tag) and `dist.recv` waits for it. The global batch is cut into
+plan.micro_batches micro-batches along each user input's batch dim; every micro-batch runs all
+programs to completion, and the last stage's (replicated) outputs are concatenated back along
+their batch dims.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 
 from meshweave.ir.graph import Graph, Node, Value
 from meshweave.ir.ops.collectives import shard_slice
+from meshweave.ir.ops.moe import moe_experts
+from meshweave.ir.ops.moe_ep import MOE_EXPERTS_EP
 from meshweave.runtime.reference import run_node
 from .rank import lower_for_rank
 from .setup import LoweringError, analyse, shard_tensor
@@ -123,6 +127,9 @@ def _rank_program(g: Graph, feeds: dict[str, Any]):
             env[n.outputs[0]] = yield ("p2p", n, x)
         elif n.op.startswith("dist.") and n.op != "dist.local_shard":
             env[n.outputs[0]] = yield ("coll", n, env[n.args[0]])
+        elif n.op == MOE_EXPERTS_EP:  # a collective over its group, on all its arguments
+            outs = yield ("coll", n, [env[a] if isinstance(a, Value) else a for a in n.args])
+            env.update(zip(n.outputs, outs))
         else:
             run_node(n, env)
     return [env[v] for v in g.outputs]
@@ -165,4 +172,10 @@ def _collective(n: Node, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         d, c = n.kwargs["dim"], n.kwargs["concat_dim"]
         chunks = [x.chunk(k, d) for x in xs]
         return [torch.cat([chunks[src][dst] for src in range(k)], c) for dst in range(k)]
+    if n.op == MOE_EXPERTS_EP:  # each rank's tokens through the group's experts, gathered
+        w_in, w_gate, w_out = (None if xs[0][i] is None else torch.cat([x[i] for x in xs])
+                               for i in (3, 4, 5))
+        kw = {k: n.kwargs[k] for k in ("act", "layout", "fused_gate_up", "capacity_factor")
+              if k in n.kwargs}
+        return [moe_experts(x[0], x[1], x[2], w_in, w_gate, w_out, **kw) for x in xs]
     raise LoweringError(f"simulate: unknown collective {n.op}")

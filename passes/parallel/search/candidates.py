@@ -3,7 +3,27 @@
 A configuration is a pipeline depth `pp`, a stage mesh (each of the `pp` stages owns one copy
 of it; for a device count the mesh is (dp, tp) with tp a power of two inside one node, for a
 fixed `DeviceMesh` its first axis is cut into `pp` pieces), and a micro-batch count `B` (the
-global batch splits into B micro-batches; the micro-batch must split evenly over dp).
+global batch splits into B micro-batches; the micro-batch must split evenly over the data
+axes, dp and ep).
+
+Expert parallelism (graphs with `moe.experts` nodes, E experts): DeepSpeed-MoE's EP over the
+data-parallel devices. For a device count, every (dp, tp) stage mesh is joined by the meshes
+(dp / ep, ep, tp), named ("dp", "ep", "tp"), for every ep > 1 dividing both E and dp: the
+data-parallel devices of a stage form dp / ep groups of ep consecutive data ranks (stride
+tp), each group holding all E experts, E / ep per device. An axis named "ep" pins
+moe.experts to the ep strategy on it and every other op to data parallelism on it
+(strategies/moe_rules.py), so dense ops are data-parallel over both outer axes (dp x ep
+ways) and experts are replicated only over the outer dp axis (their gradients are reduced
+over it alone). The tp axis stays inside a node, so an exchange over ep crosses nodes once
+tp x ep exceeds a node. The (dp, tp) meshes stay candidates: there the search may still
+give moe.experts the ep strategy over the whole dp axis (ep = dp, when dp divides E), or
+over the tp axis (experts split over a node's devices while the dense ops around them stay
+tensor-parallel, when tp divides E), or plain data parallelism (experts replicated, no
+all-to-all); the plan says which (plan.search["ep"]: degree and axes). ZeRO-1 shards
+optimizer states over the outer axis (mesh axis 0) only. With pins (one placement per
+(dp, tp) axis) the (dp, ep, tp) meshes are left out (megatron_grid). A fixed mesh is
+searched as given (an axis named "ep" keeps its degree: the pipeline cuts a first axis
+that is not "ep").
 
 `PlannerState` keeps the per-graph analysis and, per (stage mesh, micro-batch size), the
 `MeshModel` (costs) and `RawProblem` (ILP matrices), plus one `CommTable` per mesh shape, so
@@ -13,14 +33,17 @@ that the grid and the search never rebuild the same costs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from meshweave.ir.graph import Graph
 from meshweave.ir.mesh import DeviceMesh
+from meshweave.ir.ops.moe import MOE_EXPERTS
 from ..cost.cost_model import CommTable, MeshModel, compute_dtype
 from ..cost.hardware import HardwareSpec
 from .context import GraphContext, Key, RawProblem, placements_of
+from ..strategies.moe_rules import EP_AXIS, num_experts
 from ..strategies.node_strategies import PlanningError
 
 
@@ -32,7 +55,13 @@ class Config:
 
     @property
     def dp(self) -> int:
-        return self.mesh.shape[0]
+        """Data-parallel degree: the devices a micro-batch's samples split over (dp x ep)."""
+        return data_degree(self.mesh)
+
+    @property
+    def ep(self) -> int:
+        """Size of the mesh's "ep" axis (1 without one)."""
+        return ep_degree(self.mesh)
 
     @property
     def tp(self) -> int:
@@ -46,15 +75,45 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def ep_degree(mesh: DeviceMesh) -> int:
+    names = mesh.names
+    return mesh.shape[names.index(EP_AXIS)] if EP_AXIS in names else 1
+
+
+def data_degree(mesh: DeviceMesh) -> int:
+    """Devices the samples of a micro-batch split over: axis 0 and an "ep" axis after it."""
+    ep = ep_degree(mesh) if mesh.names[0] != EP_AXIS else 1
+    return mesh.shape[0] * ep
+
+
+def expert_count(graph: Graph, types: Mapping[Any, Any] | None = None) -> int | None:
+    """gcd of the expert counts of the graph's moe.experts nodes; None without any."""
+    counts = [num_experts(n, dict(types or {})) for n in graph.nodes if n.op == MOE_EXPERTS]
+    counts = [c for c in counts if isinstance(c, int)]
+    return math.gcd(*counts) if counts else None
+
+
+def _ep_meshes(data: int, tp: int, experts: int | None) -> list[DeviceMesh]:
+    if not experts:
+        return []
+    return [DeviceMesh((data // ep, ep, tp), ("dp", EP_AXIS, "tp"))
+            for ep in _divisors(data) if ep > 1 and experts % ep == 0]
+
+
 def stage_meshes(
-    mesh_or_count: DeviceMesh | int, spec: HardwareSpec, n_units: int, max_stages: int | None
+    mesh_or_count: DeviceMesh | int, spec: HardwareSpec, n_units: int, max_stages: int | None,
+    experts: int | None = None,
 ) -> list[tuple[int, DeviceMesh]]:
-    """(pp, stage mesh) pairs; tensor parallelism stays inside a node (last mesh axis)."""
+    """(pp, stage mesh) pairs; tensor parallelism stays inside a node (last mesh axis).
+    `experts`: the expert count of an MoE graph (expert_count), which adds the (dp, ep, tp)
+    meshes of the module doc."""
     cap = min(n_units, max_stages or n_units)
     out = []
     if isinstance(mesh_or_count, DeviceMesh):
         m = mesh_or_count
         names = m.axis_names
+        if names is not None and names[0] == EP_AXIS:  # keep the given ep degree
+            return [(1, m)]
         for pp in _divisors(m.shape[0]):
             if pp <= cap:
                 out.append((pp, DeviceMesh((m.shape[0] // pp, *m.shape[1:]), names)))
@@ -70,6 +129,7 @@ def stage_meshes(
         while tp <= min(rest, spec.devices_per_node):
             if rest % tp == 0:
                 out.append((pp, DeviceMesh((rest // tp, tp), ("dp", "tp"))))
+                out += [(pp, m) for m in _ep_meshes(rest // tp, tp, experts)]
             tp *= 2
     return out
 
@@ -118,6 +178,7 @@ class PlannerState:
         self._comm: dict[tuple, CommTable] = {}
         self._models: dict[tuple, MeshModel] = {}
         self._raw: dict[tuple, RawProblem] = {}
+        self.experts = expert_count(graph, self.ctx.types)  # None: a dense graph
 
     @property
     def n_units(self) -> int:

@@ -353,7 +353,7 @@ def assignment_segments(
         dst = assign[n]
         size = nbytes(model.types.get(v))
         per_mb, step_fixed, step_bytes = model.comm.transition_terms(
-            src_pl, dst.ins[i], dst.split_axes(), size, v.kind == "param"
+            src_pl, dst.ins[i], dst.split_axes(), size, model.edge_kind(v)
         )
         sc = seg("pre" if kind == "pre_rep" else ctx.segment[n])
         sc.comm += per_mb

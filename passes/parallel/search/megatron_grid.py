@@ -23,7 +23,7 @@ from typing import Any
 from meshweave.ir.graph import Graph, Node, Value
 from meshweave.ir.mesh import DeviceMesh
 from meshweave.ir.sharding import Partial, Replicate, Shard
-from .candidates import Config, PlannerState, microbatch_options, stage_meshes
+from .candidates import Config, PlannerState, data_degree, microbatch_options, stage_meshes
 from ..cost.cost_model import MeshModel
 from ..cost.hardware import HardwareSpec, get_spec
 from ..plan import Plan
@@ -78,7 +78,7 @@ def _greedy_assignment(
     ctx: GraphContext, model: MeshModel, loop_have: dict[tuple[Node, int], tuple]
 ) -> tuple[dict[Key, Any], dict[Value, tuple]]:
     nd = model.mesh.ndim
-    tp_axes = [nd - 1] if nd > 1 else []
+    tp_axes = [nd - 1] if nd > 1 and model.mesh.names[-1] != "ep" else []  # ep: a data axis
     dp_axes = [a for a in range(nd) if a not in tp_axes]
     cur: dict[Value, tuple] = {}
     assign: dict[Key, Any] = {}
@@ -185,14 +185,23 @@ def megatron_grid(
 ) -> GridResult:
     """Every pp x stage mesh x micro-batch count x recompute, Megatron layout, uniform split."""
     t0 = time.perf_counter()
+    # pins name one placement per (dp, tp) axis of a device count's meshes: no ep meshes then
+    experts = None if state.pins else state.experts
+    meshes = stage_meshes(mesh_or_count, state.spec, state.n_units, max_stages, experts)
+    configs = [Config(pp, mesh, b) for pp, mesh in meshes
+               for b in microbatch_options(state.batch, pp, data_degree(mesh), state.training)]
+    return evaluate_grid(state, configs, t0)
+
+
+def evaluate_grid(state: PlannerState, configs: list[Config], t0: float) -> GridResult:
+    """Each configuration with the Megatron layout, recompute off (and on, when training);
+    `best` the fastest entry that fits. `t0`: when the grid started (its seconds)."""
     entries = []
-    for pp, mesh in stage_meshes(mesh_or_count, state.spec, state.n_units, max_stages):
-        for b in microbatch_options(state.batch, pp, mesh.shape[0], state.training):
-            cfg = Config(pp, mesh, b)
-            for rc in [False, True] if state.training else [False]:
-                ev = evaluate_megatron(state, cfg, rc)
-                if ev is not None:
-                    entries.append(GridEntry(cfg, rc, ev))
+    for cfg in configs:
+        for rc in [False, True] if state.training else [False]:
+            ev = evaluate_megatron(state, cfg, rc)
+            if ev is not None:
+                entries.append(GridEntry(cfg, rc, ev))
     feasible = [e for e in entries if e.evaluation.fits]
     best = min(feasible, key=lambda e: e.step_time, default=None)
     return GridResult(best, entries, time.perf_counter() - t0)
@@ -209,11 +218,14 @@ def megatron_plan(
     training: bool = False,
     spec: HardwareSpec | str = "h100",
     zero: bool = True,
+    ep: int | None = None,
 ) -> Plan:
     """A Plan with the Megatron layout on a (dp, tp) stage mesh and pp uniform stages.
 
     `batch` defaults to the batch the graph was traced at; each micro-batch has
     batch / micro_batches samples, split over dp. `zero`: ZeRO-1 over dp when training.
+    `ep`: a (dp, ep, tp) stage mesh instead, its "ep" axis expert-parallel for moe.experts and
+    data-parallel for every other op (strategies/moe_rules.py).
     """
     spec = get_spec(spec)
     ctx_batch = batch
@@ -228,7 +240,10 @@ def megatron_plan(
         )
     if pp > state.n_units:
         raise PlanningError(f"pp={pp} stages for a graph with {state.n_units} layers")
-    mesh = DeviceMesh((dp, tp), ("dp", "tp"))
+    if ep is None:
+        mesh = DeviceMesh((dp, tp), ("dp", "tp"))
+    else:
+        mesh = DeviceMesh((dp, ep, tp), ("dp", "ep", "tp"))
     cfg = Config(pp, mesh, micro_batches)
     ev = evaluate_megatron(state, cfg, "auto")
     assign = state_megatron(state, mesh, state.batch // micro_batches)

@@ -18,6 +18,7 @@ from meshweave.ir.types import TensorType
 from .candidates import Config, PlannerState
 from ..plan import CollectiveRecord, Plan, StagePlan
 from .context import GraphContext, Key, assignment_segments
+from .moe_plan import ep_info, ep_records
 from ..strategies.reshard import reshard_steps
 from ..strategies.axis import node_inputs
 from .staging import PartitionEval, UnitTable, unit_names, unit_table
@@ -148,6 +149,9 @@ def build_plan(
         for i, nodes in enumerate(stage_nodes(ctx, cuts))
     ]
     search = {**_search_info(state, ev, cfg.micro_batches), **info}
+    ep = ep_info(ctx, state.model(cfg.mesh, state.batch // cfg.micro_batches), assign)
+    if ep is not None:
+        search["ep"] = ep
     plan = Plan(
         mesh=cfg.mesh,
         num_stages=cfg.pp,
@@ -231,6 +235,7 @@ def _layout_records(
                     step.kind, v.name, names[step.axis], int(model.value_bytes(v, src_pl)), count
                 )
             )
+    out += ep_records(ctx, model, assign, b, counts)
     return out + _grad_sync_records(ctx, model, assign, state.training, counts)
 
 
@@ -319,6 +324,11 @@ def build_submesh_plan(state: PlannerState, cand: SubmeshCandidate, info: dict[s
         for i, (nodes, lay) in enumerate(zip(nodes_of, cand.layouts))
     ]
     search = {**_search_info(state, ev, b), **info}
+    eps = [ep_info(ctx, state.model(lay.mesh, state.batch // b), lay.assign)
+           for lay in cand.layouts]
+    if any(eps):  # the first stage's, with every stage's degree beside it
+        search["ep"] = {**next(e for e in eps if e),
+                        "stage_degrees": [e["degree"] if e else 1 for e in eps]}
     plan = Plan(
         mesh=cand.layouts[0].mesh, num_stages=len(stages), placements=placements,
         stages=stages, micro_batches=b, schedule=ev.schedule,

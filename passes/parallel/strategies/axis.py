@@ -8,8 +8,8 @@ products of per-axis strategies (node_strategies.py), checked there for divisibi
 
 This module holds the vocabulary (AxisStrategy, OpView) and the two tables: `SHARDING_RULES`
 keyed by op name, and `CATEGORY_RULES` keyed by op category for ops without a rule of their
-own. The rules themselves register from compute_rules.py, shape_rules.py and quant_rules.py
-(the package's __init__ loads them):
+own. The rules themselves register from compute_rules.py, shape_rules.py, quant_rules.py and
+moe_rules.py (the package's __init__ loads them):
 
   pointwise        follow the (broadcast) inputs; add/sub (and aliases) also carry Partial
   linear/mm/addmm  batch dims, Megatron column (weight S(0)) and row (weight S(1) -> Partial)
@@ -20,8 +20,9 @@ own. The rules themselves register from compute_rules.py, shape_rules.py and qua
                    these and the other data-movement/creation rules: shape_rules.py
   reductions/norms/softmax  shard any dim they do not reduce; sum/mean over it -> Partial
   quant.linear     batch, column (packed weight columns), row at group boundaries (-> Partial)
+  moe.experts      batch, ep (stacked experts S(0) too), row: expert slicing on f (-> Partial)
 Ops without a rule run replicated. Tags name strategies ("col", "row", "vocab", "heads",
-"batch", "expert", "follow") for the Megatron heuristic and for dumps.
+"batch", "expert", "ep", "follow") for the Megatron heuristic and for dumps.
 """
 
 from __future__ import annotations

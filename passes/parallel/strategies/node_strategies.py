@@ -126,7 +126,7 @@ def mesh_strategies(
 def _batch_only(node: Node, s: AxisStrategy, batch: BatchInfo) -> bool:
     """Does the per-axis strategy only split batch dims (or replicate)?"""
     for o, p in zip(node.outputs, s.outs):
-        if p is None or isinstance(p, Replicate):
+        if p is None or isinstance(p, Replicate) or (isinstance(p, Partial) and _is_counter({}, o)):
             continue
         if not (isinstance(p, Shard) and batch.dims.get(o) == p.dim):
             return False
@@ -226,7 +226,11 @@ def _propagate_batch(
                 free_sharded += 1
             elif p != _want(dims, v):
                 ok = False
-        if not ok or any(isinstance(p, Partial) for p in s.outs if p is not None):
+        if not ok or any(
+            isinstance(p, Partial) and not _is_counter(types, o)
+            for o, p in zip(n.outputs, s.outs)
+            if p is not None
+        ):
             continue
         sharded_out = sum(isinstance(p, Shard) for p in s.outs if p is not None)
         if not batched_in and sharded_out:
@@ -247,6 +251,13 @@ def _propagate_batch(
         dims[o] = p.dim if isinstance(p, Shard) else None
         if not batched_in and o.type is not None:
             free.add(o)
+
+
+def _is_counter(types: dict[Value, Any], v: Value) -> bool:
+    """A 0-d integer output (moe.experts' dropped count): a partial count of it says nothing
+    about where the batch went, so it does not stop batch tracking."""
+    t = _tt(types, v)
+    return t is not None and t.rank == 0 and not t.dtype.is_floating_point
 
 
 def _claim(
