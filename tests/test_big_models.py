@@ -22,6 +22,7 @@ def _capped():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_rank_dump_of_llama_8b_runs_under_a_3_gib_cap():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "meshweave", "dump", "--model", "llama-8b",
@@ -87,6 +88,7 @@ def test_llama_70b_plan_file_report_and_rank_dump_under_a_2_gib_cap(tmp_path):
     assert 'f16[3584, 8192] {R, S(0)} = param "layers.1.mlp.gate_proj.weight"' in r.stdout
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_report_of_llama_70b_on_a_fixed_mesh_under_a_2_gib_cap(tmp_path):
     """report --mesh dp=2,tp=4 traces 2 of the 80 layers on the meta device and costs them at
     the real depth (the same memory and step time as the full trace, which takes a minute)."""
@@ -102,6 +104,7 @@ def test_report_of_llama_70b_on_a_fixed_mesh_under_a_2_gib_cap(tmp_path):
     assert data["memory"][0]["bytes"] > 60 * 2**30
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_rank_dump_of_llama_70b_layers_runs_under_a_2_gib_cap():
     r = _meshweave("dump", "--model", "llama-70b", "--num-layers", "2", "--what", "rank:1",
                    "--mesh", "dp=2,tp=4", "--seq", "8")
@@ -183,6 +186,7 @@ def test_the_preflight_does_not_trace_a_small_call(monkeypatch):
         cli.preflight_execution("gpt-tiny", 2, 16)
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_kernel_dump_of_llama_70b_layers_traces_on_meta_under_a_2_gib_cap():
     r = _meshweave("dump", "--model", "llama-70b", "--num-layers", "2", "--what", "kernels",
                    "--seq", "8", env={"TRITON_INTERPRET": "1"})

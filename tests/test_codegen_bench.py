@@ -9,9 +9,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_codegen_bench_tiny_runs(tmp_path):
     out_json = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=ROOT, MESHWEAVE_CACHE_DIR=str(tmp_path / "cache"))
@@ -44,6 +47,7 @@ def test_codegen_bench_tiny_runs(tmp_path):
         assert math.isfinite(ratio) and ratio > 0, r
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_codegen_bench_without_transformers_uses_zoo_gpt2(tmp_path):
     """A GPU box may lack transformers: GPT-2 is then the zoo GPT at GPT2Config sizes."""
     blocker = tmp_path / "block" / "transformers"
@@ -65,6 +69,7 @@ def test_codegen_bench_without_transformers_uses_zoo_gpt2(tmp_path):
     assert row["mw_max_err"] < 1e-4, row
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_host_overhead_bench_runs():
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--layers", "2",
            "--iters", "3"]

@@ -28,6 +28,7 @@ def test_two_ranks_data_parallel_with_gradient_accumulation():
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_four_ranks_dp2_tp2_hold_half_the_parameters():
     out = _torchrun(4, "dp=2,tp=2")
     assert "plan: 1 stage(s) x mesh 2x2" in out, out
@@ -37,6 +38,7 @@ def test_four_ranks_dp2_tp2_hold_half_the_parameters():
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_four_ranks_pp2_tp2_with_two_micro_batches():
     out = _torchrun(4, "pp=2,tp=2", "--micro-batches", "2")
     assert "plan: 2 stage(s) x mesh 1x2, 2 micro-batch(es)" in out, out

@@ -199,6 +199,7 @@ class _Tracked(SeededInit):
         self.live -= n
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_one_segment_of_shards_in_memory_at_a_time(tmp_path, monkeypatch):
     from meshweave.codegen.onnx import shards
 

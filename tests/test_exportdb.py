@@ -54,7 +54,8 @@ REJECTED = {
 RECORDED_TORCH = "2.13"
 
 
-@pytest.mark.parametrize("fallback", [False, True], ids=["strict_registry", "fallback"])
+@pytest.mark.parametrize("fallback", [pytest.param(False, marks=pytest.mark.heavy), True],
+                         ids=["strict_registry", "fallback"])
 def test_exportdb_examples(fallback, capsys):
     buckets: dict[str, set[str]] = {"matched": set(), "rejected": set(), "not exportable": set()}
     for name, case in CASES:

@@ -199,7 +199,7 @@ def test_cli_errors_are_one_line(capsys):
     "name,mesh,spec,batch,seq",
     [
         ("llama-8b", 16, "h100", 64, 2048),
-        ("gpt3-175b", 64, "a100", 256, 2048),
+        pytest.param("gpt3-175b", 64, "a100", 256, 2048, marks=pytest.mark.heavy),
     ],
 )
 def test_search_not_worse_than_megatron_grid(name, mesh, spec, batch, seq):
@@ -211,6 +211,7 @@ def test_search_not_worse_than_megatron_grid(name, mesh, spec, batch, seq):
     assert plan.estimate["total"] <= plan.search["grid_best"] * (1 + 1e-9)
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_cost_model_check_runs(tmp_path):
     """benchmarks/cost_model_check.py --quick: calibrate, time real ops and gloo collectives,
     print predicted / measured (the numbers live in RESULTS.md, not in assertions)."""
@@ -231,6 +232,7 @@ def test_cost_model_check_runs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_cost_model_ranks_whole_plans_like_real_runs(tmp_path):
     """benchmarks/cost_model_check.py --cpu: calibrate this machine, run 9 distinct training
     plans (DP, TP, PP, DP x TP, DP x PP, TP x PP; 1-4 micro-batches; ZeRO-1 on and off) on 4

@@ -167,6 +167,7 @@ def test_group_without_power_of_two_block_falls_back(tmp_path):
 
 
 # --------------------------------------------------------------------------------- file size
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_w4_file_is_about_a_quarter_of_fp16(tmp_path):
     """A Llama whose weights are mostly linear layers (hidden 256, ffn 768), both files
     written in fp16: the w4g128 file (MatMulNBits, fp16 scales, uint8 zero points, fp16

@@ -182,6 +182,7 @@ def _run_cli(*args):
                           text=True, timeout=240, check=False)
 
 
+@pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_run_plan_file_checks_against_one_device(tmp_path):
     _, _, graph = _traced("gpt-tiny")
     plan = megatron_plan(graph, 2, 2, 2, micro_batches=2, batch=BATCH, training=True)
