@@ -147,21 +147,21 @@ def _save_attention(n: Node, needs_grad: NeedsGrad) -> Saved:
 
 @SAVED.register("moe.experts")
 def _save_experts(n: Node, needs_grad: NeedsGrad) -> Saved:
-    """x, the routing weights and ids, and for each (token, expert) pair the hidden states
-    the expert MLP's backward reads: the gathered input, the up (and gate) projections, the
-    activation and gated product, and the expert output before the weighted combine."""
-    x, w, ids, w_in, w_gate = (_arg(n, i) for i in range(5))
+    """Per (token, expert) pair, what the sparse reference's backward reads: the gathered input
+    row, the up (and gate) projections and the activation (and gated product), the expert
+    output, its weighted copy (index_add keeps its source), the routing weight, and two int64
+    gather indices. x, the weights and ids themselves are not kept (gathers keep indices)."""
+    x, w, _, w_in, w_gate = (_arg(n, i) for i in range(5))
     t, d = x.type.shape
     k = w.type.shape[1]
-    gated = w_gate is not None or bool(n.kwargs.get("fused_gate_up", False))
-    layout = n.kwargs.get("layout", "kn")
-    f = w_in.type.shape[-1] if layout == "kn" else w_in.type.shape[-2]
-    if n.kwargs.get("fused_gate_up", False):
-        f //= 2
-    hidden = (4 if gated else 2) * f  # gate, up, act(gate), act(gate)*up; or up, act(up)
-    per_pair = hidden + 2 * d  # + the gathered input and the expert output
-    extra = t * k * per_pair * x.type.itemsize
-    return _if(True, x, w, ids) + [extra]
+    fused = bool(n.kwargs.get("fused_gate_up", False))
+    f = w_in.type.shape[-1] if n.kwargs.get("layout", "kn") == "kn" else w_in.type.shape[-2]
+    f = f // 2 if fused else f
+    # relu's backward reads its result, which the down projection keeps anyway
+    saves_act_input = n.kwargs.get("act", "silu") != "relu"
+    hidden = (3 + saves_act_input) * f if (w_gate is not None or fused) else (
+        1 + saves_act_input) * f
+    return [t * k * ((hidden + 3 * d + 1) * x.type.itemsize + 16)]
 
 
 def saved_for(n: Node, needs_grad: NeedsGrad) -> Saved:
