@@ -11,6 +11,10 @@ Each method runs once to compile its programs, then once timed. The llama-tiny p
 themselves (edit-style: the output copies the context), which is where prompt lookup pays.
 medusa uses --medusa-heads FILE (`meshweave train-heads --out FILE`), or trains heads first by
 self-distillation on the model's own greedy continuations of other prompts (training files).
+sjd (speculative Jacobi decoding) samples at --temperature (default 1); it runs beside plain
+`sample` at the same temperature, its baseline: its speedup is against `sample`'s tokens/s, and
+there is no exactness check for the sampling methods (their tokens are random draws;
+tests/test_sjd.py checks that their distributions agree).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 import meshweave
 
-METHODS = ("greedy", "prompt_lookup", "jacobi", "medusa")
+METHODS = ("greedy", "prompt_lookup", "jacobi", "medusa", "sjd")
 _HEADS: dict = {}
 
 
@@ -80,6 +84,19 @@ def medusa_heads(args, cm, model):
     return _HEADS["trained"]
 
 
+def bench_sjd(cm, prompts, args, batch: int) -> None:
+    """sjd against plain `sample` at --temperature (seeded); no exactness check."""
+    runs = {}
+    for method in ("sample", "sjd"):
+        kw = dict(method=method, num_draft=args.num_draft, temperature=args.temperature, seed=0)
+        cm.generate(prompts, args.max_new_tokens, **kw)  # compiles
+        runs[method] = out = cm.generate(prompts, args.max_new_tokens, **kw)
+        speed = out.tokens_per_second / runs["sample"].tokens_per_second
+        print(f"{method} batch {batch}: accepted/step {out.accepted_per_step:.2f}, tokens/s "
+              f"{out.tokens_per_second:.1f}, speedup {speed:.2f} (against sample at "
+              f"temperature {args.temperature}; sampled: no exactness check)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, metavar="DIR")
@@ -92,6 +109,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=3, help="heads to train without --medusa-heads")
     p.add_argument("--heads-steps", type=int, default=300)
     p.add_argument("--tree", default=None, help="medusa tree spec (default: a small tree)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sjd's and sample's")
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if methods[0] != "greedy":
@@ -103,6 +121,9 @@ def main() -> None:
             cm = meshweave.compile(model, (torch.tensor([prompts[0]]),))
         base = None
         for method in methods:
+            if method == "sjd":
+                bench_sjd(cm, prompts, args, batch)
+                continue
             kw = dict(method=method, num_draft=args.num_draft)
             if method == "medusa":
                 from meshweave.passes.decoding import parse_tree_spec

@@ -107,7 +107,7 @@ class CompiledModel:
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
                  max_batch: int | None = None, **kwargs: Any):
         """Generate with compiled prefill/decode programs over a static KV cache (decoder LMs:
-        models/llama.py). method="greedy"|"sample"|"prompt_lookup"|"jacobi"|"medusa"
+        models/llama.py). method="greedy"|"sample"|"sjd"|"prompt_lookup"|"jacobi"|"medusa"
         (medusa_heads=, tree=, acceptance=), temperature=, top_p=, eos_token_id=, seed=;
         returns a runtime.generate.Generation. A quantized model decodes with its own packed
         weights."""

@@ -11,7 +11,9 @@ static-shape batch, their outputs dropped, until all are done).
 
 method="greedy" emits one argmax per step, "sample" draws from softmax(logits / temperature)
 cut to the top_p nucleus, and "prompt_lookup" / "jacobi" draft k tokens per step
-(passes/decoding/) that one verify program checks: their tokens are exactly greedy's.
+(passes/decoding/) that one verify program checks: their tokens are exactly greedy's. "sjd"
+(speculative Jacobi decoding) drafts sampled Jacobi guesses and accepts them by speculative
+sampling: its tokens are distributed exactly as "sample"'s (at the same temperature / top_p).
 "medusa" drafts a token tree from trained heads (medusa_heads=, tree=), scored by one compiled
 program per step (runtime/tree_generate.py); with acceptance="exact", greedy's tokens too;
 acceptance="typical" is Medusa's typical acceptance at `temperature`, approximate (neither
@@ -31,9 +33,11 @@ from typing import Any
 import torch
 
 from meshweave.models.kv_decoder import KVDecoder
-from meshweave.passes.decoding import DRAFT_SOURCES, ChainState, make_draft_source, verify_chain
+from meshweave.passes.decoding import (DRAFT_SOURCES, ChainState, make_draft_source,
+                                       sampling_probs, verify_chain)
 
 METHODS = ("greedy", "sample", *DRAFT_SOURCES)
+SAMPLING = ("sample", "sjd")  # the methods that draw from softmax(logits / temperature)
 PREFILL_BUCKET = 16
 
 
@@ -100,12 +104,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """[B] tokens drawn from softmax(logits [B, V] / temperature) over the top_p nucleus (the
     fewest most likely tokens whose probability reaches top_p)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = sampling_probs(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -149,9 +148,9 @@ class Generator:
                 or max_new_tokens <= 0:
             raise GenerationError(f"generate: max_new_tokens={max_new_tokens!r}: expected a "
                                   f"positive int")
-        if method == "sample" and not (temperature > 0 and math.isfinite(temperature)):
+        if method in SAMPLING and not (temperature > 0 and math.isfinite(temperature)):
             raise GenerationError(f"generate: temperature={temperature!r}: expected > 0 for "
-                                  f"method='sample' (use method='greedy' for argmax)")
+                                  f"method={method!r} (use method='greedy' for argmax)")
         if not 0.0 < top_p <= 1.0:
             raise GenerationError(f"generate: top_p={top_p!r}: expected 0 < top_p <= 1")
         if len(prompts) > self.max_batch:
@@ -201,7 +200,7 @@ class Generator:
         step = self.program(batch, width, capacity)
 
         def pick(logits: torch.Tensor) -> list[int]:
-            if method == "sample":
+            if method in SAMPLING:
                 return sample_token(logits, temperature, top_p, rng).tolist()
             return logits.argmax(dim=-1).tolist()
 
@@ -219,7 +218,9 @@ class Generator:
         for b in range(batch):
             state.emitted[b] = [first[b]]
             state.done[b] = max_new_tokens == 1 or first[b] == eos_token_id
-        draft = make_draft_source(method) if method in DRAFT_SOURCES else None
+        opts = dict(vocab_size=self.step_module.vocab_size, temperature=temperature,
+                    top_p=top_p, generator=rng) if method in SAMPLING else {}
+        draft = make_draft_source(method, **opts) if method in DRAFT_SOURCES else None
         steps, emitted, active_steps = 0, 0, 0
         per_step: list[float] = []
         while not all(state.done):
@@ -232,7 +233,8 @@ class Generator:
                 logits, k, v = step(chain.to(self.device), state.positions(width).to(
                     self.device), k, v)
             if draft is not None:
-                accepted, argmax = verify_chain(chain[:, 1:], logits.cpu())
+                verify = getattr(draft, "verify", verify_chain)  # sjd samples, others match
+                accepted, argmax = verify(chain[:, 1:], logits.cpu())
                 draft.observe(argmax, accepted)
                 rows = [argmax[b, :int(accepted[b]) + 1].tolist() for b in range(batch)]
             else:

@@ -16,12 +16,16 @@ models/kv_decoder.py, the Medusa heads models/medusa.py.
   tree.py     tree specs (Medusa's paths of top-k choices), TokenTree (mask, depths, retrieve
               indices, candidates), verify_tree (exact or typical), compact_kv
   medusa.py   Medusa: the draft source whose heads' top-k fill the tree
+  speculative.py  sampling_probs (method="sample"'s p), speculative_accept (min(1, p/q), residual)
+  sjd.py      SpeculativeJacobi: sampled Jacobi guesses with their q; lossless sampling
 """
 
 from __future__ import annotations
 
 from .drafts import DRAFT_SOURCES, DraftSource, Jacobi, PromptLookup, make_draft_source
 from .medusa import Medusa
+from .sjd import SpeculativeJacobi
+from .speculative import sampling_probs, speculative_accept
 from .tree import (
     ACCEPTANCE,
     TokenTree,
@@ -35,6 +39,7 @@ from .tree import (
 from .verify import ChainState, verify_chain
 
 DRAFT_SOURCES["medusa"] = Medusa  # registered here: medusa.py builds on drafts.py
+DRAFT_SOURCES["sjd"] = SpeculativeJacobi  # as medusa; it verifies by speculative sampling
 
 __all__ = [
     "ACCEPTANCE",
@@ -44,6 +49,7 @@ __all__ = [
     "Jacobi",
     "Medusa",
     "PromptLookup",
+    "SpeculativeJacobi",
     "TokenTree",
     "TreeSpecError",
     "build_tree",
@@ -51,6 +57,8 @@ __all__ = [
     "default_tree",
     "make_draft_source",
     "parse_tree_spec",
+    "sampling_probs",
+    "speculative_accept",
     "verify_chain",
     "verify_tree",
 ]
