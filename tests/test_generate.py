@@ -14,6 +14,8 @@ from meshweave.models import build_model
 from meshweave.passes.decoding import ChainState, Jacobi, PromptLookup, verify_chain
 from meshweave.runtime.generate import GenerationError
 
+from generate_helpers import eager_greedy, random_prompts
+
 REPRO = "reproduce: .venv/bin/pytest -q tests/test_generate.py -k {}"
 
 
@@ -23,24 +25,6 @@ def tiny():
     with torch.no_grad():
         cm = meshweave.compile(model, (ids,))
     return model, cm
-
-
-def eager_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
-    """The oracle: no cache, the eager model on the full sequence at every step."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([seq]))[0, -1].argmax())
-            out.append(t)
-            seq.append(t)
-            if t == eos:
-                break
-    return out
-
-
-def random_prompts(lengths, seed=0, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_greedy_batch1_equals_eager_greedy(tiny):

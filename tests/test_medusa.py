@@ -24,6 +24,8 @@ from meshweave.passes.decoding import (
 )
 from meshweave.runtime.generate import GenerationError
 
+from generate_helpers import eager_greedy, random_prompts
+
 REPRO = "reproduce: .venv/bin/pytest -q tests/test_medusa.py -k {}"
 SMALL = [(0,), (1,), (0, 0)]  # root 0; 1 = (0,), 2 = (1,), 3 = (0, 0)
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
@@ -50,21 +52,6 @@ def trained(tmp_path_factory):
                    "--prompts", "64", "--new-tokens", "32", "--out", out])
     assert rc == 0, buf.getvalue()
     return out, buf.getvalue(), load_heads(out)
-
-
-def eager_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([seq]))[0, -1].argmax())
-            out.append(t)
-            seq.append(t)
-    return out
-
-
-def random_prompts(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_tree_buffers_hand_derived():

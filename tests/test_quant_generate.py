@@ -15,16 +15,10 @@ import meshweave
 from meshweave.models import build_model
 from meshweave.passes.quant import dequantized_model, packed_weights
 
+from generate_helpers import eager_greedy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [[3, 1, 4, 1, 5, 9, 2, 6]]
-
-
-def _oracle(model, n):
-    ids = torch.tensor(PROMPT)
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, len(PROMPT[0]):].tolist()
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -37,7 +31,7 @@ def test_w4_generation_matches_the_dequantized_oracle(method):
         cm = meshweave.compile(model, (torch.tensor(PROMPT),), options=meshweave.CompileOptions(
             quantize=q, calibration=calib if method == "gptq" else None))
     out = cm.generate(PROMPT, 10)
-    assert out.tokens == _oracle(dequantized_model(model, cm.graph), 10)
+    assert out.tokens == [eager_greedy(dequantized_model(model, cm.graph), PROMPT[0], 10)]
     # the decode programs are quantized and hold exactly the compiled model's packed weights
     gen = next(iter(cm._generators.values()))
     mine = packed_weights(cm.graph)

@@ -52,6 +52,14 @@ def capacity(tokens: int, top_k: int, num_experts: int,
     return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs routed to each expert, int64 [E]. A scatter-add, not torch.bincount: bincount
+    reads its maximum back to the host, a sync that CUDA graphs cannot capture."""
+    flat = ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_by_expert(ids: torch.Tensor, num_experts: int, cap: int | None = None):
     """Flattened (token, slot) pairs sorted by expert, stably (token order within an expert).
 
@@ -59,7 +67,7 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int, cap: int | None = None):
     expert e computes after capacity; `kept` masks `order`'s pairs that survive capacity."""
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     if cap is None:
         return order, counts, torch.ones_like(order, dtype=torch.bool)
     starts = torch.cumsum(counts, 0) - counts
@@ -94,6 +102,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_in:
     check_args(x, weights, ids, w_in, w_gate, w_out, act, layout, fused_gate_up)
     t, k = ids.shape
     num_experts = w_in.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise ValueError(f"moe.experts: ids hold experts {int(ids.min())}..{int(ids.max())}; "
+                         f"expected 0..{num_experts - 1} (w_in has E={num_experts})")
     cap = capacity(t, k, num_experts, capacity_factor)
     order, counts, kept = sort_by_expert(ids, num_experts, cap)
     order = order[kept]

@@ -8,7 +8,7 @@
 
 Both launches share one tile table. Nothing here waits for the device: the pair count is
 T*k whatever the routing, the grid an upper bound (grouped_gemm.tile_table), and the counts a
-scatter_add (torch.bincount, which sort_by_expert uses, reads its maximum back to the host).
+scatter_add (ir/ops/moe.py expert_counts, shared with sort_by_expert).
 So the block can be captured in a CUDA graph. With a capacity factor every expert's segment
 keeps its first `cap` pairs in token order (the GShard rule, as in sort_by_expert): only those
 rows are computed, and the dropped pairs' rows stay zero. The results are those of
@@ -27,7 +27,7 @@ import dataclasses
 import torch
 
 from meshweave.ir.graph import Node, Value
-from meshweave.ir.ops.moe import capacity, check_args
+from meshweave.ir.ops.moe import capacity, check_args, expert_counts
 from meshweave.ir.registry import RuleTable
 
 from .grouped_gemm import DTYPES, GroupedGemmError, GroupedTile, choose_tile, grouped_gemm, \
@@ -55,10 +55,8 @@ def sort_pairs(ids: torch.Tensor, num_experts: int, cap: int | None):
     """(order, segment, kept): the flattened (token, slot) pairs sorted by expert, stably;
     segment[e] pairs routed to expert e (its rows in `order`), kept[e] <= segment[e] the ones
     it computes under capacity `cap`. The order and kept counts are sort_by_expert's."""
-    flat = ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    segment = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    segment.scatter_add_(0, flat, torch.ones_like(flat))
+    order = torch.argsort(ids.reshape(-1).to(torch.int64), stable=True)
+    segment = expert_counts(ids, num_experts)
     return order, segment, segment if cap is None else segment.clamp(max=cap)
 
 
