@@ -48,6 +48,11 @@ class CompileOptions:
         everything needs (torch's activation_memory_budget), or a size such as "2GiB"; the
         saved set of least recompute time (cost model) under it is found by an ILP. None
         saves everything the backward reads.
+    memory_limit: device memory that generation may use, in bytes or a size such as "6GiB":
+        when a batch's KV caches do not fit it (or the `hardware` spec's memory), cm.generate
+        keeps some sequences' caches, and the decode attention over them, on the CPU
+        (passes/offload/, runtime/offload/; APEX-style hybrid execution). None plans against
+        the spec's device memory.
     """
 
     eager_fallback: bool = True
@@ -67,6 +72,7 @@ class CompileOptions:
     calibration: Any = None
     quantized_weights: Any = None
     memory_budget: Any = None
+    memory_limit: Any = None
 
     def __post_init__(self):
         if self.backend not in (None, "eager", "triton"):
@@ -82,6 +88,10 @@ class CompileOptions:
             if not self.training:
                 raise ValueError(f"CompileOptions.memory_budget={self.memory_budget!r} chooses "
                                  f"what the backward recomputes: it needs training=True")
+        if self.memory_limit is not None:
+            from meshweave.passes.offload import memory_limit_bytes
+
+            memory_limit_bytes(self.memory_limit)  # raises on a bad cap, at construction
         if self.passes is not None and not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
 

@@ -28,6 +28,31 @@ from torch import nn
 from .layers import apply_rope, repeat_kv
 
 
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary (cos, sin) [B, S, 1, D] at per-sequence positions [B, S]: the same table as
+    models/layers.py rope_cos_sin."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
+    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, S, 1, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def attend_cached(q, k, v, index, visible, k_cache, v_cache, n_rep: int):
+    """One layer's cached attention: write k, v [B, S, KV, D] into the slots `index`
+    ([B, KV, S, D] slot ids) of k_cache, v_cache [B, KV, C, D] (functionally), and attend
+    q [B, S, H, D] over the visible slots (`visible` [B, 1, S, C]). Returns (y [B, S, H*D],
+    k_cache', v_cache'). The hybrid runtime's device attention (runtime/offload/) is this
+    same function."""
+    b, s = q.shape[:2]
+    kc = k_cache.scatter(2, index, k.transpose(1, 2))  # [B, KV, C, D]
+    vc = v_cache.scatter(2, index, v.transpose(1, 2))
+    keys = repeat_kv(kc.transpose(1, 2), n_rep).transpose(1, 2)  # [B, H, C, D]
+    values = repeat_kv(vc.transpose(1, 2), n_rep).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)
+    return y.transpose(1, 2).reshape(b, s, -1), kc, vc
+
+
 class KVDecoder(nn.Module):
     """One cached decoding step of a RotaryDecoder (models/llama.py: Llama, small_lm)."""
 
@@ -60,13 +85,7 @@ class KVDecoder(nn.Module):
             shape, dtype=dtype, device=device)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        # The same table as models/layers.py rope_cos_sin, at per-sequence positions [B, S].
-        d = self.head_dim
-        inv_freq = 1.0 / self.rope_theta ** (
-            torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
-        freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, S, 1, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return rope_at(positions, self.head_dim, self.rope_theta, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, tree_mask: torch.Tensor | None = None):
@@ -113,14 +132,9 @@ class KVDecoder(nn.Module):
             k = attn.k_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
             v = attn.v_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc = k_cache[i].scatter(2, index, k.transpose(1, 2))  # [B, KV, C, D]
-            vc = v_cache[i].scatter(2, index, v.transpose(1, 2))
+            y, kc, vc = attend_cached(q, k, v, index, visible, k_cache[i], v_cache[i], n_rep)
             new_k.append(kc)
             new_v.append(vc)
-            keys = repeat_kv(kc.transpose(1, 2), n_rep).transpose(1, 2)  # [B, H, C, D]
-            values = repeat_kv(vc.transpose(1, 2), n_rep).transpose(1, 2)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                               attn_mask=visible)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+            x = x + attn.o_proj(y)
             x = x + layer.mlp(layer.mlp_norm(x))
         return m.norm(x), torch.stack(new_k), torch.stack(new_v)

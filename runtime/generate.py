@@ -62,6 +62,7 @@ class Generation:
     seconds: float
     compile_seconds: float = 0.0
     per_step: list[float] = field(default_factory=list)
+    offload: dict = field(default_factory=dict)  # hybrid generation: plan, scheduler, busy
 
     @property
     def new_tokens(self) -> int:
@@ -303,6 +304,23 @@ def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None =
     key = (cache_len, max_batch)
     gens = cm.__dict__.setdefault("_generators", {})
     if key not in gens:
-        gens[key] = Generator(source, functools.partial(compile_fn, options=options),
-                              cache_len=cache_len, max_batch=max_batch or 64)
+        fn = functools.partial(compile_fn, options=options)
+        if cm.options.memory_limit is not None:  # plan against the cap: runtime/offload/
+            gens[key] = hybrid_generator(source, fn, cm.options, cache_len, max_batch)
+        else:
+            gens[key] = Generator(source, fn, cache_len=cache_len, max_batch=max_batch or 64)
     return gens[key]
+
+
+def hybrid_generator(source, compile_fn, options, cache_len, max_batch):
+    """A runtime/offload HybridGenerator under options.memory_limit on options.hardware."""
+    from meshweave.passes.offload import memory_limit_bytes
+    from meshweave.passes.parallel.cost.hardware import get_spec
+    from meshweave.runtime.offload import HybridGenerator
+
+    if options.quantize is not None:
+        raise GenerationError("generate: memory_limit= with quantize=: hybrid generation runs "
+                              "the model's own weights; compile without one of them")
+    spec = get_spec(options.hardware or ("h100" if torch.cuda.is_available() else "cpu"))
+    return HybridGenerator(source, compile_fn, memory_limit=memory_limit_bytes(
+        options.memory_limit), spec=spec, cache_len=cache_len, max_batch=max_batch or 64)

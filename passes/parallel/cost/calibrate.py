@@ -3,7 +3,8 @@
 Measured: dense matmul FLOP/s in fp32 (and fp16/bf16 on CUDA), device memory (CUDA total
 memory, or the host's RAM), memory bandwidth (a large copy), and optionally a two-process
 gloo all-reduce on this host (latency from a tiny message, bandwidth from a large one) as the
-intra-node link. Everything else (devices per node, the inter-node link) comes from a preset.
+intra-node link; and the host side of hybrid generation (passes/offload/): decode attention's
+speed on the CPU cores and the host-device link (PCIe on CUDA). Everything else (devices per node, the inter-node link) comes from a preset.
 Measured rates are achieved rates, so the spec's efficiency factors are 1.
 """
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from .hardware import HardwareSpec, LinkSpec, get_spec
+from .hardware import HardwareSpec, HostSpec, LinkSpec, get_spec
 
 
 def _timed(fn, iters: int) -> float:
@@ -50,6 +51,34 @@ def kernel_latency(device: str) -> float:
     x = torch.zeros(256, device=device)
     y = torch.zeros(256, device=device)
     return _timed(lambda: y.add_(x), 200)
+
+
+def host_attention_rate(batch: int = 4, kv_heads: int = 8, ctx: int = 2048,
+                        head_dim: int = 64) -> float:
+    """Bytes of K/V cache per second that one decode step's attention (one query per
+    sequence) reads on this host's cores: the CPU side of hybrid generation
+    (passes/offload/). fp32, as the offloaded caches of the CPU tests are."""
+    q = torch.randn(batch, kv_heads * 2, 1, head_dim)
+    k = torch.randn(batch, kv_heads * 2, ctx, head_dim)
+    v = torch.randn_like(k)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        t = _timed(lambda: attend(q, k, v), 5)
+    return batch * kv_heads * ctx * head_dim * 2 * 4 / t  # the K and V the GQA groups read
+
+
+def host_link(cuda: bool, nbytes: int = 1 << 26) -> LinkSpec:
+    """The host-device link: pinned host-to-device copies on CUDA (latency from 4 bytes,
+    bandwidth from `nbytes`); without a GPU the "device" is the host, and the link is a
+    host memory copy."""
+    dev = "cuda" if cuda else "cpu"
+    small, big = torch.zeros(1), torch.zeros(nbytes // 4)
+    if cuda:
+        small, big = small.pin_memory(), big.pin_memory()
+    out_small, out_big = torch.empty(1, device=dev), torch.empty(nbytes // 4, device=dev)
+    latency = _timed(lambda: out_small.copy_(small, non_blocking=True), 50)
+    t = _timed(lambda: out_big.copy_(big, non_blocking=True), 5)
+    return LinkSpec(latency_s=latency, bandwidth_Bps=nbytes / max(t - latency, 1e-9))
 
 
 def memory_capacity(device: str) -> float:
@@ -170,6 +199,10 @@ def calibrate(
     mem = memory_capacity(device)
     intra = loopback_link() if comm else preset.intra_node
     name = (torch.cuda.get_device_name(0) if cuda else "local-cpu").replace(" ", "-").lower()
+    # the host side of hybrid generation: its memory (half of the RAM for offloaded caches),
+    # decode attention's speed on its cores, and the host-device link
+    host = HostSpec(memory_bytes=memory_capacity("cpu") / 2,
+                    attention_Bps=host_attention_rate(), link=host_link(cuda))
     spec = dataclasses.replace(
         preset,
         name=f"calibrated-{name}",
@@ -181,6 +214,7 @@ def calibrate(
         memory_efficiency=1.0,
         kernel_latency_s=latency,
         devices_per_node=torch.cuda.device_count() if cuda else preset.devices_per_node,
+        host=host,
     )
     lines = [f"device {name} ({device})"]
     lines += [f"  matmul {k}: {v / 1e12:.3f} TFLOP/s" for k, v in sorted(flops.items())]
@@ -192,4 +226,8 @@ def calibrate(
         f"{intra.bandwidth_Bps / 1e9:.2f} GB/s ({src})"
         + "".join(f"; {k} at {v:.2f}x the ring bandwidth" for k, v in intra.efficiency)
     )
+    lines.append(
+        f"  host: {host.memory_bytes / 2**30:.1f} GiB for offloaded caches, decode attention "
+        f"{host.attention_Bps / 1e9:.1f} GB/s of K/V, link {host.link.latency_s * 1e6:.1f} us, "
+        f"{host.link.bandwidth_Bps / 1e9:.1f} GB/s ({'PCIe' if cuda else 'host copy'})")
     return spec, "\n".join(lines)

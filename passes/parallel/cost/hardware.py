@@ -61,6 +61,28 @@ class LinkSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostSpec:
+    """The host CPU beside each device, for hybrid CPU-GPU generation (passes/offload/).
+
+    `memory_bytes`: host memory the offloaded KV caches may use per device; `attention_Bps`:
+    bytes of K/V cache per second that decode attention on the host's cores reads (it is
+    memory-bound: `meshweave calibrate` times it); `link`: the host-device link (PCIe), used
+    for the q, k, v and attention outputs that cross it each layer.
+    """
+
+    memory_bytes: float
+    attention_Bps: float
+    link: LinkSpec
+
+    def __post_init__(self) -> None:
+        if isinstance(self.link, Mapping):  # from JSON
+            object.__setattr__(self, "link", LinkSpec(**self.link))
+        if self.memory_bytes <= 0 or self.attention_Bps <= 0:
+            raise ValueError(f"HostSpec: memory_bytes and attention_Bps must be positive, "
+                             f"got {self.memory_bytes}, {self.attention_Bps}")
+
+
+@dataclasses.dataclass(frozen=True)
 class HardwareSpec:
     """Per-device capabilities plus the two link classes of a cluster of identical nodes."""
 
@@ -76,8 +98,12 @@ class HardwareSpec:
     # Fixed time of every kernel on top of the roofline (launch, ramp-up, tail): what keeps
     # small ops from taking roofline time. 0 for presets without a measurement.
     kernel_latency_s: float = 0.0
+    # The host CPU and its link, for hybrid generation (None: the device has no host side).
+    host: HostSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.host, Mapping):  # from JSON
+            object.__setattr__(self, "host", HostSpec(**self.host))
         flops = {canonical_dtype(k): float(v) for k, v in dict(self.flops).items()}
         if not flops or any(v <= 0 for v in flops.values()):
             raise ValueError(f"HardwareSpec {self.name!r}: flops must be positive: {flops}")
@@ -137,6 +163,17 @@ TFLOPS = 1e12
 # issued back to back from Python, as the runtime issues them. 5 us is the floor of that gap.
 GPU_KERNEL_LATENCY_S = 5e-6
 
+# Hosts for hybrid generation (passes/offload/). A DGX H100/H200 has 2 TB of DDR5 and two
+# 56-core Xeons (8 channels of DDR5-4800 each, ~600 GB/s in all) for 8 GPUs: per GPU 256 GB
+# and a share of ~40 GB/s that decode attention reaches (memory-bound, ~50% of peak on its
+# cores); each GPU has a PCIe Gen5 x16 link (64 GB/s per direction, ~50 achieved, ~10 us per
+# transfer). DGX A100: 1 TB, PCIe Gen4 x16 (~25 GB/s achieved). Order-of-magnitude figures
+# until `meshweave calibrate` measures the machine.
+_PCIE5 = LinkSpec(latency_s=10e-6, bandwidth_Bps=50 * GB)
+_PCIE4 = LinkSpec(latency_s=10e-6, bandwidth_Bps=25 * GB)
+_PCIE3 = LinkSpec(latency_s=10e-6, bandwidth_Bps=12 * GB)
+_DGX_HOST = HostSpec(memory_bytes=256 * GB, attention_Bps=40 * GB, link=_PCIE5)
+
 PRESETS: dict[str, HardwareSpec] = {
     # NVIDIA H100 SXM5 80GB datasheet: 67 TFLOPS FP32 (non-tensor), 989 TFLOPS dense FP16/BF16
     # tensor core, 80 GB HBM3 at 3.35 TB/s. NVLink 4: 900 GB/s total = 450 GB/s per
@@ -148,7 +185,7 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=3e-6, bandwidth_Bps=450 * GB),
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=50 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
-        kernel_latency_s=GPU_KERNEL_LATENCY_S,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S, host=_DGX_HOST,
     ),
     # NVIDIA H200 SXM datasheet: same compute as H100 SXM, 141 GB HBM3e at 4.8 TB/s,
     # NVLink 900 GB/s total; HGX H200 nodes with 400 Gb/s NDR per GPU.
@@ -159,7 +196,7 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=3e-6, bandwidth_Bps=450 * GB),
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=50 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
-        kernel_latency_s=GPU_KERNEL_LATENCY_S,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S, host=_DGX_HOST,
     ),
     # NVIDIA A100 SXM4 80GB datasheet: 19.5 TFLOPS FP32, 312 TFLOPS dense FP16/BF16 tensor,
     # 80 GB HBM2e at 2.039 TB/s. NVLink 3: 600 GB/s total = 300 GB/s per direction.
@@ -172,6 +209,20 @@ PRESETS: dict[str, HardwareSpec] = {
         inter_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=25 * GB),
         compute_efficiency=0.6, memory_efficiency=0.8,
         kernel_latency_s=GPU_KERNEL_LATENCY_S,
+        host=HostSpec(memory_bytes=128 * GB, attention_Bps=40 * GB, link=_PCIE4),
+    ),
+    # NVIDIA T4 datasheet (APEX's card): 8.1 TFLOPS FP32, 65 TFLOPS FP16 tensor, 16 GB GDDR6
+    # at 320 GB/s, PCIe Gen3 x16, one or a few per server; no NVLink (PCIe between cards).
+    # A cloud T4 VM (n1-standard-16 class): 60 GB host memory, ~20 GB/s of attention.
+    "t4": HardwareSpec(
+        name="t4",
+        flops={"float32": 8.1 * TFLOPS, "float16": 65 * TFLOPS},
+        memory_bytes=16 * GB, memory_bandwidth=320 * GB, devices_per_node=4,
+        intra_node=LinkSpec(latency_s=10e-6, bandwidth_Bps=12 * GB),
+        inter_node=LinkSpec(latency_s=50e-6, bandwidth_Bps=4 * GB),
+        compute_efficiency=0.6, memory_efficiency=0.8,
+        kernel_latency_s=GPU_KERNEL_LATENCY_S,
+        host=HostSpec(memory_bytes=60 * GB, attention_Bps=20 * GB, link=_PCIE3),
     ),
     # Huawei Ascend 910 (first generation, Hot Chips 31, 2019): 256 TFLOPS FP16 (Da Vinci
     # cube), 32 GB HBM2 (4 stacks) at ~1.2 TB/s, 3 HCCS ports of 240 Gb/s = 30 GB/s each,
@@ -199,6 +250,10 @@ PRESETS: dict[str, HardwareSpec] = {
         intra_node=LinkSpec(latency_s=20e-6, bandwidth_Bps=10 * GB),
         inter_node=LinkSpec(latency_s=50e-6, bandwidth_Bps=1.25 * GB),
         compute_efficiency=0.5, memory_efficiency=0.7,
+        # the "device" is the host itself: offloaded caches stay in the same DRAM and no
+        # bytes cross a link (a copy at memory speed)
+        host=HostSpec(memory_bytes=64 * GB, attention_Bps=35 * GB,
+                      link=LinkSpec(latency_s=1e-6, bandwidth_Bps=50 * GB)),
     ),
 }
 

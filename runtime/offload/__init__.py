@@ -1,0 +1,15 @@
+"""Hybrid CPU-GPU generation: the runtime of an OffloadPlan (passes/offload/).
+
+  pieces.py     the decoder step cut at attention, as compiled programs (weights as inputs, so
+                one program per shape serves every layer); DeviceTimer
+  host.py       HostCaches: the host-resident KV caches and the threads that attend over them
+  scheduler.py  OverlapScheduler: each step's dispatch from profiled, predicted piece times
+  hybrid.py     HybridGenerator: plan a batch, run it (device-only rounds or hybrid)
+"""
+
+from __future__ import annotations
+
+from .hybrid import METHODS, HybridGenerator
+from .scheduler import OverlapScheduler
+
+__all__ = ["METHODS", "HybridGenerator", "OverlapScheduler"]
