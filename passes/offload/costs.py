@@ -44,6 +44,7 @@ class DecoderShape:
     elem_bytes: int
     layer_weight_bytes: int  # one decoder layer's parameters
     other_weight_bytes: int  # embedding, final norm, lm_head
+    ffn: int = 0  # the MLP's inner width
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> DecoderShape:
@@ -70,8 +71,10 @@ class DecoderShape:
         if rest_layers != layer * (len(layers) - 1):
             raise TypeError("offload: the decoder's layers differ in size; the hybrid plan "
                             "assumes identical layers")
+        mlp = sum(t.numel() for t in layers[0].mlp.parameters())
+        ffn = mlp // (3 * int(cfg.hidden_size))  # SwiGLU: gate, up, down
         return cls(len(layers), int(cfg.hidden_size), attn.num_heads, attn.num_kv_heads,
-                   attn.head_dim, int(cfg.vocab_size), p.element_size(), layer, other)
+                   attn.head_dim, int(cfg.vocab_size), p.element_size(), layer, other, ffn)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -75,7 +75,8 @@ def workspace_bytes(shape: DecoderShape, device_rows: int, rows: int, width: int
     states, q/k/v, the MLP), the logits (of each row's last token, as the hybrid runtime
     computes them; of every token with `full_logits`, as the whole-step program does), and
     the new copy of one layer's cache that the functional update writes for the device rows."""
-    act = rows * width * 16 * shape.hidden * shape.elem_bytes
+    # live at once: x, the normed x, q, k, v, y, the residual, the MLP's gate/up/product
+    act = rows * width * (7 * shape.hidden + 3 * shape.ffn) * shape.elem_bytes
     logits = rows * (width if full_logits else 1) * shape.vocab * shape.elem_bytes
     layer_cache = shape.kv_bytes_per_token // shape.num_layers * capacity
     return act + logits + device_rows * layer_cache
