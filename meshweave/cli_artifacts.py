@@ -183,6 +183,10 @@ def _setup_report(p) -> None:
     _add_model_args(p)
     add_planning_args(p)  # --mesh or --plan-file; --memory-gib also sets the memory bars
     p.add_argument("-o", "--out", default="plan.html", help="output file (default plan.html)")
+    p.add_argument("--offload", default=None, metavar="FILE",
+                   help="report a hybrid generation plan instead (`meshweave generate "
+                        "--memory-gib G --plan-out FILE`): which sequences keep their KV cache "
+                        "on the CPU, and the memory split")
 
 
 @command("report", "write a self-contained HTML report of a zoo model's parallel plan")(
@@ -192,6 +196,19 @@ def _report(args) -> int:
     from meshweave.cli_flags import resolve_planning
     from meshweave.report import write_report
 
+    if args.offload:
+        from meshweave.report.offload import load_offload, write_offload_report
+
+        if args.mesh or args.plan_file:
+            raise CLIError("--offload reports a generation plan: it takes no --mesh or "
+                           "--plan-file")
+        try:
+            doc = load_offload(args.offload)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        path = write_offload_report(args.out, doc)
+        print(f"wrote {os.path.abspath(path)}")
+        return 0
     resolve_planning(args, "report", needs="mesh|plan-file")
     # a report needs shapes, not weights: a big model is traced on the meta device
     if args.plan_file:

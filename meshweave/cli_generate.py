@@ -52,6 +52,9 @@ def _setup(p) -> None:
     p.add_argument("--spec", default=None, metavar="SPEC",
                    help="hardware preset or `meshweave calibrate` JSON for the hybrid plan "
                         "(default h100 on CUDA, cpu otherwise)")
+    p.add_argument("--plan-out", default=None, metavar="FILE",
+                   help="with --memory-gib: write the offload plan (and the run's scheduler "
+                        "figures) as JSON, for `meshweave report --offload FILE`")
     p.add_argument("--check", action="store_true",
                    help="with --memory-gib: also run the device-only plan and exit 1 on any "
                         "token that differs (greedy)")
@@ -116,9 +119,11 @@ def _generate(args) -> int:
         raise CLIError("--prompt holds no token")
     if args.batch < 1:
         raise CLIError(f"--batch {args.batch}: expected a positive number of sequences")
-    if args.memory_gib is None and (args.check or args.spec):
-        raise CLIError(f"{'--check' if args.check else '--spec'} goes with --memory-gib (the "
-                       f"hybrid plan it checks or plans on)")
+    needs_cap = [o for o, v in (("--check", args.check), ("--spec", args.spec),
+                                ("--plan-out", args.plan_out)) if v]
+    if args.memory_gib is None and needs_cap:
+        raise CLIError(f"{needs_cap[0]} goes with --memory-gib (the hybrid plan it checks, "
+                       f"plans on or writes)")
     if args.memory_gib is not None and not args.memory_gib > 0:
         raise CLIError(f"--memory-gib {args.memory_gib}: expected a positive size in GiB")
     if args.check and args.method != "greedy":
@@ -147,6 +152,15 @@ def _generate(args) -> int:
         print(out.offload["placement"])
         if "progress" in out.offload:
             print(f"hybrid: {out.offload['progress']}")
+    if args.plan_out:
+        import json
+
+        doc = {"offload": out.offload["plan"]}
+        if "scheduler" in out.offload:
+            doc["scheduler"] = out.offload["scheduler"]
+        with open(args.plan_out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.plan_out} (meshweave report --offload {args.plan_out})")
     if args.check:
         plain = meshweave.compile(model, example, options=opts.replace(memory_limit=None))
         cache_len = args.cache_len or out.offload["plan"]["capacity"] - 1

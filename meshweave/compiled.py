@@ -110,7 +110,10 @@ class CompiledModel:
         models/llama.py). method="greedy"|"sample"|"sjd"|"prompt_lookup"|"jacobi"|"medusa"
         (medusa_heads=, tree=, acceptance=), temperature=, top_p=, eos_token_id=, seed=;
         returns a runtime.generate.Generation. A quantized model decodes with its own packed
-        weights."""
+        weights. Under CompileOptions(memory_limit=...), a batch whose KV caches do not fit
+        runs hybrid CPU-GPU (runtime/offload/: greedy or sample; cpu_sequences= and dispatch=
+        fix the split and the dispatch); the result's `offload` holds the plan and the
+        scheduler's figures."""
         from meshweave.runtime.generate import generator_for
 
         gen = generator_for(self, cache_len=cache_len, max_batch=max_batch)

@@ -326,3 +326,45 @@ def test_cli_bad_input_is_one_line(args, message, capsys):
     rc = main(["generate", "--model", "llama-tiny", "--max-new-tokens", "4", *args])
     err = capsys.readouterr().err
     assert rc != 0 and message in err, err
+
+
+def test_plan_json_and_report_show_the_split(tiny, tmp_path, capsys):
+    from meshweave.cli import main
+
+    model, _, _ = tiny
+    gib = _device_bytes(DecoderShape.of(model), 8, 16, 16, CACHE + 1) / 2**30
+    plan_file, page = tmp_path / "offload.json", tmp_path / "offload.html"
+    assert main(["generate", "--model", "llama-tiny", "--batch", "16", "--memory-gib",
+                 f"{gib:.6f}", "--cache-len", str(CACHE), "--max-new-tokens", "4",
+                 "--plan-out", str(plan_file)]) == 0
+    doc = json.loads(plan_file.read_text())
+    cpu = doc["offload"]["cpu_rows"]
+    assert len(cpu) == 8 and doc["offload"]["mode"] == "hybrid"
+    assert doc["scheduler"]["steps"] >= 4 and 0 < doc["scheduler"]["gpu_busy"] <= 1
+    assert main(["report", "--offload", str(plan_file), "-o", str(page)]) == 0
+    text = page.read_text()
+    for section in ("offload-summary", "offload-placement", "offload-memory", "offload-run"):
+        assert f'id="{section}"' in text, section
+    assert text.count('data-side="CPU"') == 8 and text.count('data-side="GPU"') == 8
+    for b in cpu:
+        assert f'data-sequence="{b}" data-side="CPU"' in text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"plan": 1}')
+    capsys.readouterr()
+    assert main(["report", "--offload", str(bad), "-o", str(page)]) != 0
+    assert "expected {'offload'" in capsys.readouterr().err
+
+
+def test_benchmark_runs_at_tiny_sizes():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "benchmarks/offload_bench.py", "--cpu", "--batch", "6",
+                        "--new-tokens", "6"], capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("offload tokens/s gpu-only ") and "hybrid/fixed-half" in last, last
+    ratios = [float(x.split()[-1]) for x in last.split(":")[1].split(",")]
+    assert all(r > 0 for r in ratios)
+    assert "DIFFER" not in r.stdout  # hybrid and fixed-half tokens equal gpu-only's
