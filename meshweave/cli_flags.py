@@ -5,7 +5,7 @@ help texts and defaults on every command; tests/test_cli_flags.py keeps them fro
 
     --mesh M           a device count ('64': the planner picks pp x dp x tp) or a shape ('2x4',
                        'dp=2,tp=4'); default none
-    --spec S           hardware preset (h100, h200, a100, ascend910, cpu) or a spec JSON path
+    --spec S           hardware preset (h100, h200, a100, t4, ascend910, cpu) or a spec JSON path
     --train            plan (run, dump) a training step
     --batch N          global batch per step
     --seq N            sequence length
@@ -106,7 +106,7 @@ def add_planning_args(p: argparse.ArgumentParser, shape_only: bool = False) -> N
                             "('2x4', 'dp=2,tp=4'; axes named dp/tp/pp only: that Megatron "
                             "layout, except for `plan`, which searches on it); default: none")
         g.add_argument("--spec", default=None, metavar="SPEC",
-                       help="hardware preset (h100, h200, a100, ascend910, cpu) or a spec JSON "
+                       help="hardware preset (h100, h200, a100, t4, ascend910, cpu) or a spec JSON "
                             "path (`meshweave calibrate`); default h100")
         g.add_argument("--train", action="store_true",
                        help="a training step (default: inference)")

@@ -136,11 +136,15 @@ def _rounds_only(shape, batch, capacity, width, n_alone, limit, kv, smallest, sp
 def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tokens: int,
                  capacity: int, spec, memory_limit: float | None = None, *,
                  prefill_len: int | None = None, cpu_sequences: int | None = None,
-                 same_memory: bool = False) -> OffloadPlan:
+                 same_memory: bool = False, measured: dict[str, float] | None = None
+                 ) -> OffloadPlan:
     """The placement of one batch (module docstring). `memory_limit`: device bytes the plan
     may use (default the spec's device memory); `cpu_sequences` forces that many sequences
     onto the host (a fixed-rule split, for comparison); `same_memory`: the "device" is the
-    host (CPU-only runs), so nothing crosses a link."""
+    host (CPU-only runs), so nothing crosses a link; `measured`: measured / predicted step
+    seconds of earlier runs, per mode ("hybrid", "gpu-rounds"), that scale the predictions
+    (the runtime's profile: runtime/offload/hybrid.py); a mode not measured yet is scaled as
+    the measured one, so one mode's profile alone does not flip the decision."""
     batch = len(prompt_lengths)
     if batch == 0:
         raise OffloadError("offload: an empty batch has nothing to place")
@@ -196,11 +200,17 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
 
     if n_cpu == 0 and (fits or cpu_sequences == 0):
         return made("gpu-only", range(batch), (), batch, "every cache fits the device")
+    factor = dict(measured or {})
+    if factor:
+        predicted["measured_scale"] = dict(factor)
+        for mode in ("hybrid", "gpu-rounds"):  # a mode not run yet: the same gap as the other
+            factor.setdefault(mode, next(iter(factor.values())))
     if costs is not None and n_alone >= 1:
-        tps_rounds = n_alone / costs.step_time("gpu", n_alone, 0, capacity, 0)[0]
-        predicted.update(gpu_rounds_tokens_per_s=tps_rounds, gpu_round_size=n_alone)
+        t = costs.step_time("gpu", n_alone, 0, capacity, 0)[0] * factor.get("gpu-rounds", 1.0)
+        predicted.update(gpu_rounds_tokens_per_s=n_alone / t, gpu_round_size=n_alone)
     if costs is not None:
         mode, t = costs.best_mode(len(gpu_rows), n_cpu, capacity, int(n_cpu * mean_live))
+        t *= factor.get("hybrid", 1.0)
         predicted.update(hybrid_tokens_per_s=batch / t, hybrid_dispatch=mode)
     host_need = n_cpu * kv
     host_ok = host is not None and host_need <= host.memory_bytes

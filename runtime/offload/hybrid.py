@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from meshweave.passes.decoding import ChainState
-from meshweave.passes.offload import DecoderShape, OffloadError, OffloadPlan, plan_offload
+from meshweave.passes.offload import (DecoderShape, OffloadError, OffloadPlan, StepCosts,
+                                      plan_offload)
 from meshweave.runtime.generate import (PREFILL_BUCKET, SAMPLING, Generation, GenerationError,
                                         Generator, prompts_from, sample_token)
 
@@ -50,6 +51,8 @@ class HybridGenerator:
         self.host_threads = host_threads or max(1, (os.cpu_count() or 2) // 2)
         self.whole: dict[int, Generator] = {}  # by cache_len: the device-only programs
         self.last_plan: OffloadPlan | None = None
+        # measured / predicted step seconds of earlier runs per mode: the next plans' profile
+        self.profile: dict[str, float] = {}
 
     def _whole(self, cache_len: int) -> Generator:
         if cache_len not in self.whole:
@@ -69,7 +72,8 @@ class HybridGenerator:
             return plan_offload(self.shape, [len(p) for p in prompts], max_new_tokens, capacity,
                                 self.spec, self.memory_limit, prefill_len=prefill,
                                 cpu_sequences=cpu_sequences,
-                                same_memory=self.pieces.device.type == "cpu")
+                                same_memory=self.pieces.device.type == "cpu",
+                                measured=self.profile)
         except OffloadError as e:
             raise GenerationError(f"generate: {e}") from None
 
@@ -115,6 +119,12 @@ class HybridGenerator:
             tokens += g.tokens
             steps, secs, comp = steps + g.steps, secs + g.seconds, comp + g.compile_seconds
             per_step += g.per_step
+        costs = StepCosts(self.shape, self.spec, same_memory=self.pieces.device.type == "cpu")
+        predicted = sum(costs.step_time("gpu", min(size, len(prompts) - s), 0, plan.capacity,
+                                        0)[0] for s in range(0, len(prompts), size))
+        per_round = steps / max(1, -(-len(prompts) // size))
+        if steps and comp == 0:  # a run that compiled says nothing about the steps
+            self.profile["gpu-rounds"] = secs / (predicted * per_round)
         return _result(tokens, opts, steps, secs, comp, per_step,
                        {"rounds": -(-len(prompts) // size)})
 
@@ -183,6 +193,8 @@ class HybridGenerator:
             seconds = time.perf_counter() - t0
         finally:
             host.close()
+        if sched.wall_scale() is not None and p.compile_seconds == compile_before:
+            self.profile["hybrid"] = sched.wall_scale()
         back = [[] for _ in range(batch)]
         for i, b in enumerate(order):
             back[b] = state.emitted[i]

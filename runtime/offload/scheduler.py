@@ -33,6 +33,7 @@ class OverlapScheduler:
         self.predicted = dict.fromkeys(COMPONENTS, 0.0)
         self.modes: Counter[str] = Counter()
         self.wall = self.device_busy = self.host_busy = 0.0
+        self.predicted_wall = self.decode_wall = 0.0
         self.steps = 0
 
     def scale(self) -> dict[str, float]:
@@ -75,6 +76,11 @@ class OverlapScheduler:
                     self.measured[c] += host_seconds if c == "cattn" else device[c]
         self.modes[mode] += 1
         self.steps += 1
+        if width == 1:  # the whole step against its prior prediction: the plan's feedback
+            n_cpu = self.n_cpu if mode != "gpu" else 0
+            self.predicted_wall += p.step_time(mode, self.n_gpu if n_cpu else rows, n_cpu,
+                                               self.capacity, cpu_live)[0]
+            self.decode_wall += wall
         self.wall += wall
         self.device_busy += sum(device.values())
         self.host_busy += host_seconds
@@ -91,7 +97,13 @@ class OverlapScheduler:
         modes = ", ".join(f"{m} {n}" for m, n in sorted(self.modes.items()))
         return f"GPU busy {gpu:.0%}, CPU busy {cpu:.0%}; steps by dispatch: {modes}"
 
+    def wall_scale(self) -> float | None:
+        """Measured / predicted seconds of the decode steps (None before any): what the next
+        placement decision multiplies the hybrid prediction by."""
+        return self.decode_wall / self.predicted_wall if self.predicted_wall > 0 else None
+
     def summary(self) -> dict:
         gpu, cpu = self.busy()
         return {"steps": self.steps, "dispatch": dict(self.modes), "gpu_busy": gpu,
-                "cpu_busy": cpu, "scale": self.scale(), "wall_seconds": self.wall}
+                "cpu_busy": cpu, "scale": self.scale(), "wall_scale": self.wall_scale(),
+                "wall_seconds": self.wall}

@@ -1,6 +1,6 @@
 """Cost: what a plan costs in time and memory on given hardware.
 
-  hardware.py        HardwareSpec presets (h100, h200, a100, ascend910, cpu) and JSON specs
+  hardware.py        HardwareSpec presets (h100, h200, a100, t4, ascend910, cpu), host sides, JSON
   calibrate.py       `meshweave calibrate`: measure the local device into a HardwareSpec
   collectives.py     alpha-beta collective costs, per-axis links, resharding costs
   cost_model.py      per-strategy compute/memory and resharding cost matrices of one mesh
