@@ -112,9 +112,9 @@ def main() -> None:
     with torch.no_grad():
         capped = meshweave.compile(model, (ids,), options=opts)
         plain = meshweave.compile(model, (ids,), options=opts.replace(memory_limit=None))
-    from meshweave.runtime.generate import generator_for
+    from meshweave.runtime.offload import hybrid_generator_for
 
-    hybrid_gen = generator_for(capped, cache_len, batch)
+    hybrid_gen = hybrid_generator_for(capped, cache_len, batch)
     plan = hybrid_gen.plan(prompts, new)
     print(plan.placement_line())
     rounds = plan.round_size if plan.mode == "gpu-rounds" else plan.predicted.get(

@@ -114,8 +114,10 @@ class CompiledModel:
         runs hybrid CPU-GPU (runtime/offload/: greedy or sample; cpu_sequences= and dispatch=
         fix the split and the dispatch); the result's `offload` holds the plan and the
         scheduler's figures."""
-        from meshweave.runtime.generate import generator_for
-
+        if self.options.memory_limit is not None:  # plan against the cap: runtime/offload/
+            from meshweave.runtime.offload import hybrid_generator_for as generator_for
+        else:
+            from meshweave.runtime.generate import generator_for
         gen = generator_for(self, cache_len=cache_len, max_batch=max_batch)
         return gen.generate(input_ids, max_new_tokens, **kwargs)
 

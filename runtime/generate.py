@@ -280,10 +280,11 @@ class Generator:
                             eos_token_id)
 
 
-def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None = None
-                  ) -> Generator:
+def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None = None,
+                  make: Callable[..., Any] | None = None) -> Generator:
     """The Generator of a CompiledModel (made at its first generate call, kept on it): the
-    source model compiled with the CompiledModel's compile function and options."""
+    source model compiled with the CompiledModel's compile function and options. `make`
+    (source, compile_fn, cache_len, max_batch) builds another kind (runtime/offload/'s)."""
     source = getattr(cm, "source_model", None)
     compile_fn = getattr(cm, "compile_fn", None)
     if source is None or compile_fn is None:
@@ -301,26 +302,12 @@ def generator_for(cm: Any, cache_len: int | None = None, max_batch: int | None =
         from meshweave.passes.quant import packed_weights
 
         options = dataclasses.replace(options, quantized_weights=packed_weights(cm.graph))
-    key = (cache_len, max_batch)
+    key = (cache_len, max_batch, make is not None)
     gens = cm.__dict__.setdefault("_generators", {})
     if key not in gens:
         fn = functools.partial(compile_fn, options=options)
-        if cm.options.memory_limit is not None:  # plan against the cap: runtime/offload/
-            gens[key] = hybrid_generator(source, fn, cm.options, cache_len, max_batch)
+        if make is not None:
+            gens[key] = make(source, fn, cache_len, max_batch)
         else:
             gens[key] = Generator(source, fn, cache_len=cache_len, max_batch=max_batch or 64)
     return gens[key]
-
-
-def hybrid_generator(source, compile_fn, options, cache_len, max_batch):
-    """A runtime/offload HybridGenerator under options.memory_limit on options.hardware."""
-    from meshweave.passes.offload import memory_limit_bytes
-    from meshweave.passes.parallel.cost.hardware import get_spec
-    from meshweave.runtime.offload import HybridGenerator
-
-    if options.quantize is not None:
-        raise GenerationError("generate: memory_limit= with quantize=: hybrid generation runs "
-                              "the model's own weights; compile without one of them")
-    spec = get_spec(options.hardware or ("h100" if torch.cuda.is_available() else "cpu"))
-    return HybridGenerator(source, compile_fn, memory_limit=memory_limit_bytes(
-        options.memory_limit), spec=spec, cache_len=cache_len, max_batch=max_batch or 64)

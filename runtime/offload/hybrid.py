@@ -28,7 +28,7 @@ from meshweave.passes.decoding import ChainState
 from meshweave.passes.offload import (DecoderShape, OffloadError, OffloadPlan, StepCosts,
                                       plan_offload)
 from meshweave.runtime.generate import (PREFILL_BUCKET, SAMPLING, Generation, GenerationError,
-                                        Generator, prompts_from, sample_token)
+                                        Generator, generator_for, prompts_from, sample_token)
 
 from .host import HostCaches
 from .pieces import DeviceTimer, Pieces
@@ -172,7 +172,7 @@ class HybridGenerator:
             for b in range(batch):
                 state.emitted[b] = [first[b]]
                 state.done[b] = max_new_tokens == 1 or first[b] == eos
-            steps, emitted, active_steps, per_step = 0, 0, 0, []
+            steps, per_step = 0, []
             while not all(state.done):
                 active = [b for b in range(batch) if not state.done[b]]
                 chain = torch.tensor(state.pending, dtype=torch.int64)[:, None]
@@ -182,8 +182,7 @@ class HybridGenerator:
                                     torch.zeros(batch, dtype=torch.int64), cpu_active, live)
                 toks = pick(logits)
                 kept = sum(state.emit(b, [toks[b]], max_new_tokens, eos) for b in active)
-                steps, emitted = steps + 1, emitted + kept
-                active_steps += len(active)
+                steps += 1
                 per_step.append(kept / len(active))
                 if progress:
                     from meshweave.progress import bar
@@ -276,6 +275,27 @@ class HybridGenerator:
         return x
 
 
+def hybrid_generator_for(cm: Any, cache_len: int | None = None,
+                         max_batch: int | None = None) -> HybridGenerator:
+    """The HybridGenerator of a CompiledModel compiled with memory_limit= (kept on it): plans
+    against the cap on the options' hardware spec (default h100 on CUDA, cpu otherwise)."""
+    from meshweave.passes.offload import memory_limit_bytes
+    from meshweave.passes.parallel.cost.hardware import get_spec
+
+    options = cm.options
+    if options.quantize is not None:
+        raise GenerationError("generate: memory_limit= with quantize=: hybrid generation runs "
+                              "the model's own weights; compile without one of them")
+    spec = get_spec(options.hardware or ("h100" if torch.cuda.is_available() else "cpu"))
+    limit = memory_limit_bytes(options.memory_limit)
+
+    def make(source, fn, cache_len, max_batch):
+        return HybridGenerator(source, fn, memory_limit=limit, spec=spec, cache_len=cache_len,
+                               max_batch=max_batch or 64)
+
+    return generator_for(cm, cache_len, max_batch, make=make)
+
+
 def _result(tokens: list[list[int]], opts: dict, steps: int, seconds: float,
             compile_seconds: float, per_step: list[float], offload: dict) -> Generation:
     eos, pad = opts["eos_token_id"], opts["pad_token_id"]
@@ -284,7 +304,6 @@ def _result(tokens: list[list[int]], opts: dict, steps: int, seconds: float,
     seqs = torch.full((len(tokens), longest), pad, dtype=torch.int64)
     for b, t in enumerate(tokens):
         seqs[b, :len(t)] = torch.tensor(t)
-    emitted = sum(len(t) for t in tokens)
     accepted = sum(per_step) / len(per_step) if per_step else 0.0
     g = Generation(tokens, seqs, opts["method"], steps, accepted, seconds, compile_seconds,
                    per_step)
