@@ -74,4 +74,7 @@ else
     step nccl_run 40 python -m meshweave run --model gpt-tiny --mesh 1 --plan dp --device cuda \
         --train --check
 fi
+# 6. this wave's end-to-end GPU figures: W4 decoding, and hybrid CPU-GPU generation under a cap
+step quant_decode 100 python benchmarks/quant_decode.py
+step offload 170 python benchmarks/offload_bench.py
 echo "== done; logs in $OUT"
