@@ -94,6 +94,8 @@ def test_host_too_small_is_reported_before_anything_runs():
     assert plan.mode == "gpu-rounds" and "cannot hold" in plan.reason
     with pytest.raises(OffloadError, match="cannot hold"):
         _plan(half, spec=tiny_host, cpu_sequences=8)  # a forced split cannot fall back
+    with pytest.raises(OffloadError, match="do not fit"):
+        _plan(half, cpu_sequences=0)  # nothing offloaded does not fit either
 
 
 def test_cpu_gets_the_shortest_prompts():

@@ -174,6 +174,9 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
                 f"{_size(limit)} (at most {max(n_hybrid, 0)} do)")
         n_hybrid = batch - cpu_sequences
     fits = _device_bytes(shape, batch, batch, width, capacity, True) <= limit
+    if cpu_sequences == 0 and not fits:
+        raise OffloadError(f"offload: cpu_sequences=0 runs the whole-step programs, which do "
+                           f"not fit {_size(limit)} at batch {batch}")
     if cpu_sequences is None and not fits:
         n_hybrid = min(n_hybrid, batch - 1)  # the whole-step program does not fit: offload
     n_cpu = batch - max(n_hybrid, 0)
@@ -198,7 +201,7 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
                            memory | dict(device_used=float(dev), host_used=float(len(cpu) * kv)),
                            predicted, reason)
 
-    if n_cpu == 0 and (fits or cpu_sequences == 0):
+    if n_cpu == 0:
         return made("gpu-only", range(batch), (), batch, "every cache fits the device")
     factor = dict(measured or {})
     if factor:
