@@ -38,7 +38,7 @@ from meshweave.passes.offload import DecoderShape
 from meshweave.passes.offload.placement import _device_bytes
 from meshweave.passes.parallel.cost.calibrate import host_attention_rate, host_link
 from meshweave.passes.parallel.cost.hardware import HostSpec, get_spec
-from meshweave.runtime.generate import PREFILL_BUCKET
+from meshweave.runtime.generate import prefill_length
 
 # llama-3.2-1B's shape (16 layers, hidden 2048, GQA 32/8, ffn 8192), vocab cut to 32000
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32,
@@ -94,7 +94,7 @@ def main() -> None:
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     cache_len = max(lengths) + new
     shape = DecoderShape.of(model)
-    prefill = -(-max(lengths) // PREFILL_BUCKET) * PREFILL_BUCKET  # as the runtime pads
+    prefill = prefill_length(prompts, cache_len + 1)  # as the runtime pads
     cap = args.memory_gib * 2**30 if args.memory_gib else _device_bytes(
         shape, int(batch * args.fit), batch, prefill, cache_len + 1)
     spec = measured_spec(args.spec or ("h100" if cuda else "cpu"), cuda)

@@ -101,6 +101,20 @@ def prompts_from(input_ids: Any, attention_mask: Any = None) -> list[list[int]]:
             for p in input_ids]
 
 
+def prefill_length(prompts: list[list[int]], capacity: int) -> int:
+    """The prefill program's width: the longest prompt rounded up to PREFILL_BUCKET, at most
+    the cache's capacity."""
+    return min(capacity, -(-max(map(len, prompts)) // PREFILL_BUCKET) * PREFILL_BUCKET)
+
+
+def padded_sequences(tokens: list[list[int]], pad: int) -> torch.Tensor:
+    """[B, N] int64 of each sequence's tokens, right-padded with `pad` to the longest."""
+    seqs = torch.full((len(tokens), max(len(t) for t in tokens)), pad, dtype=torch.int64)
+    for b, t in enumerate(tokens):
+        seqs[b, :len(t)] = torch.tensor(t)
+    return seqs
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """[B] tokens drawn from softmax(logits [B, V] / temperature) over the top_p nucleus (the
@@ -196,7 +210,7 @@ class Generator:
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
         compile_before = self.compile_seconds
         batch = len(prompts)
-        prefill_len = min(capacity, -(-max(map(len, prompts)) // PREFILL_BUCKET) * PREFILL_BUCKET)
+        prefill_len = prefill_length(prompts, capacity)
         prefill = self.program(batch, prefill_len, capacity)
         step = self.program(batch, width, capacity)
 
@@ -256,10 +270,7 @@ class Generator:
                 per_step: list[float], pad_token_id: int | None, eos_token_id: int | None
                 ) -> Generation:
         pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
-        longest = max(len(e) for e in state.emitted)
-        seqs = torch.full((state.batch, longest), pad, dtype=torch.int64)
-        for b, e in enumerate(state.emitted):
-            seqs[b, :len(e)] = torch.tensor(e)
+        seqs = padded_sequences(state.emitted, pad)
         return Generation(state.emitted, seqs, method, steps,
                           emitted / active_steps if active_steps else 0.0, seconds,
                           self.compile_seconds - compile_before, per_step)

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from meshweave.passes.parallel.cost.hardware import format_bytes
+
 from .costs import DecoderShape, StepCosts
 
 GiB = 2**30
@@ -64,9 +66,9 @@ class OffloadPlan:
                 f"their KV cache on the CPU")
         if self.mode == "gpu-rounds":
             head += f" (rounds of {self.round_size} on the device)"
-        return (f"{head}; device {_size(m['device_used'])} of {_size(m['limit'])} (weights "
-                f"{_size(m['weights'])}, {_size(m['kv_per_sequence'])} of cache per "
-                f"sequence), host {_size(m['host_used'])}; {self.reason}")
+        return (f"{head}; device {format_bytes(m['device_used'])} of {format_bytes(m['limit'])} (weights "
+                f"{format_bytes(m['weights'])}, {format_bytes(m['kv_per_sequence'])} of cache per "
+                f"sequence), host {format_bytes(m['host_used'])}; {self.reason}")
 
 
 def workspace_bytes(shape: DecoderShape, device_rows: int, rows: int, width: int,
@@ -116,13 +118,6 @@ def memory_limit_bytes(value: Any) -> float:
     return float(value)
 
 
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _rounds_only(shape, batch, capacity, width, n_alone, limit, kv, smallest, spec):
     dev = _device_bytes(shape, n_alone, n_alone, width, capacity, True)
     host = spec.host.memory_bytes if spec.host is not None else 0.0
@@ -130,7 +125,7 @@ def _rounds_only(shape, batch, capacity, width, n_alone, limit, kv, smallest, sp
                   smallest_cap=float(smallest), host_limit=float(host),
                   device_used=float(dev), host_used=0.0)
     return OffloadPlan("gpu-rounds", batch, capacity, tuple(range(batch)), (), n_alone, memory,
-                       {}, f"the whole batch's step workspace does not fit {_size(limit)}")
+                       {}, f"the whole batch's step workspace does not fit {format_bytes(limit)}")
 
 
 def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tokens: int,
@@ -158,9 +153,9 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
     smallest = min(floor_hybrid, floor_rounds)
     if limit < smallest:
         raise OffloadError(
-            f"offload: a device memory cap of {_size(limit)} is below what the weights "
-            f"({_size(shape.weight_bytes)}) and one step's workspace need: the smallest "
-            f"workable cap is {_size(smallest)} (--memory-gib {smallest / GiB:.6f}: "
+            f"offload: a device memory cap of {format_bytes(limit)} is below what the weights "
+            f"({format_bytes(shape.weight_bytes)}) and one step's workspace need: the smallest "
+            f"workable cap is {format_bytes(smallest)} (--memory-gib {smallest / GiB:.6f}: "
             f"{'every cache on the CPU' if floor_hybrid <= floor_rounds else 'one sequence at a time'})")
     n_hybrid = _largest_fit(shape, limit, lambda n: batch, batch, width, capacity)
     n_alone = max(0, _largest_fit(shape, limit, lambda n: max(n, 1), batch, width, capacity,
@@ -171,12 +166,12 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
         if batch - cpu_sequences > max(n_hybrid, 0):
             raise OffloadError(
                 f"offload: {batch - cpu_sequences} device-resident sequences do not fit "
-                f"{_size(limit)} (at most {max(n_hybrid, 0)} do)")
+                f"{format_bytes(limit)} (at most {max(n_hybrid, 0)} do)")
         n_hybrid = batch - cpu_sequences
     fits = _device_bytes(shape, batch, batch, width, capacity, True) <= limit
     if cpu_sequences == 0 and not fits:
         raise OffloadError(f"offload: cpu_sequences=0 runs the whole-step programs, which do "
-                           f"not fit {_size(limit)} at batch {batch}")
+                           f"not fit {format_bytes(limit)} at batch {batch}")
     if cpu_sequences is None and not fits:
         n_hybrid = min(n_hybrid, batch - 1)  # the whole-step program does not fit: offload
     n_cpu = batch - max(n_hybrid, 0)
@@ -219,8 +214,8 @@ def plan_offload(shape: DecoderShape, prompt_lengths: Sequence[int], max_new_tok
     host_ok = host is not None and host_need <= host.memory_bytes
     if not host_ok:
         why = ("the spec describes no host" if host is None else
-               f"the host's {_size(host.memory_bytes)} for offloaded caches cannot hold the "
-               f"{_size(host_need)} of {n_cpu} sequences' caches")
+               f"the host's {format_bytes(host.memory_bytes)} for offloaded caches cannot hold the "
+               f"{format_bytes(host_need)} of {n_cpu} sequences' caches")
         if n_alone >= 1 and cpu_sequences is None:
             return made("gpu-rounds", range(batch), (), n_alone, f"no hybrid plan: {why}")
         raise OffloadError(f"offload: {why}; lower the batch or raise the memory cap")

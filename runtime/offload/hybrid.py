@@ -27,8 +27,9 @@ import torch
 from meshweave.passes.decoding import ChainState
 from meshweave.passes.offload import (DecoderShape, OffloadError, OffloadPlan, StepCosts,
                                       plan_offload)
-from meshweave.runtime.generate import (PREFILL_BUCKET, SAMPLING, Generation, GenerationError,
-                                        Generator, generator_for, prompts_from, sample_token)
+from meshweave.runtime.generate import (SAMPLING, Generation, GenerationError, Generator,
+                                        generator_for, padded_sequences, prefill_length,
+                                        prompts_from, sample_token)
 
 from .host import HostCaches
 from .pieces import DeviceTimer, Pieces
@@ -50,7 +51,6 @@ class HybridGenerator:
         self.pieces = Pieces(model, compile_fn)
         self.host_threads = host_threads or max(1, (os.cpu_count() or 2) // 2)
         self.whole: dict[int, Generator] = {}  # by cache_len: the device-only programs
-        self.last_plan: OffloadPlan | None = None
         # measured / predicted step seconds of earlier runs per mode: the next plans' profile
         self.profile: dict[str, float] = {}
 
@@ -67,7 +67,7 @@ class HybridGenerator:
     def plan(self, prompts: list[list[int]], max_new_tokens: int,
              cpu_sequences: int | None = None) -> OffloadPlan:
         capacity = self._cache_len(prompts, max_new_tokens) + 1
-        prefill = min(capacity, -(-max(map(len, prompts)) // PREFILL_BUCKET) * PREFILL_BUCKET)
+        prefill = prefill_length(prompts, capacity)
         try:
             return plan_offload(self.shape, [len(p) for p in prompts], max_new_tokens, capacity,
                                 self.spec, self.memory_limit, prefill_len=prefill,
@@ -99,7 +99,7 @@ class HybridGenerator:
         prompts = prompts_from(input_ids, attention_mask)
         whole = self._whole(self._cache_len(prompts, max_new_tokens))
         whole._check(prompts, max_new_tokens, method, temperature, top_p)
-        plan = self.last_plan = self.plan(prompts, max_new_tokens, cpu_sequences)
+        plan = self.plan(prompts, max_new_tokens, cpu_sequences)
         opts = dict(method=method, temperature=temperature, top_p=top_p,
                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
         if plan.mode != "hybrid":
@@ -135,7 +135,7 @@ class HybridGenerator:
         ng, nc, batch, cap = len(plan.gpu_rows), len(plan.cpu_rows), len(prompts), plan.capacity
         rows = [prompts[b] for b in order]
         compile_before = p.compile_seconds
-        prefill_len = min(cap, -(-max(map(len, rows)) // PREFILL_BUCKET) * PREFILL_BUCKET)
+        prefill_len = prefill_length(rows, cap)
         shapes = [("embed", batch, prefill_len), ("embed", batch, 1), ("head", batch, prefill_len),
                   ("head", batch, 1), ("layer", batch, prefill_len), ("layer", batch, 1),
                   ("attn", ng, prefill_len), ("attn", ng, 1)]
@@ -299,11 +299,7 @@ def hybrid_generator_for(cm: Any, cache_len: int | None = None,
 def _result(tokens: list[list[int]], opts: dict, steps: int, seconds: float,
             compile_seconds: float, per_step: list[float], offload: dict) -> Generation:
     eos, pad = opts["eos_token_id"], opts["pad_token_id"]
-    pad = pad if pad is not None else (eos or 0)
-    longest = max(len(t) for t in tokens)
-    seqs = torch.full((len(tokens), longest), pad, dtype=torch.int64)
-    for b, t in enumerate(tokens):
-        seqs[b, :len(t)] = torch.tensor(t)
+    seqs = padded_sequences(tokens, pad if pad is not None else (eos or 0))
     accepted = sum(per_step) / len(per_step) if per_step else 0.0
     g = Generation(tokens, seqs, opts["method"], steps, accepted, seconds, compile_seconds,
                    per_step)

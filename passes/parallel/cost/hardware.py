@@ -258,6 +258,14 @@ PRESETS: dict[str, HardwareSpec] = {
 }
 
 
+def format_bytes(nbytes: float) -> str:
+    """A size for messages: '1.50 GiB', '0.42 MiB', '12 bytes'."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= 0.1 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} bytes"
+
+
 def list_presets() -> list[str]:
     return sorted(PRESETS)
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .candidates import Config, PlannerState, microbatch_options
+from ..cost.hardware import format_bytes
 from ..intra_op.ilp import solve_intra_op
 from ..intra_op.problem import IntraOpProblem, NoFeasiblePlanError, Strategy
 from .megatron_grid import GridEntry
@@ -42,19 +43,12 @@ def raise_no_fit(state: PlannerState, entries: list[GridEntry]) -> None:
             f"{1 - budget / state.spec.memory_bytes:.0%} reserved"
         )
     raise NoFeasiblePlanError(
-        f"no parallel plan fits in {_size(budget)} per device ({where_budget}); the smallest "
-        f"per-device memory any plan needs is {_size(need)} ({need:.4g} bytes, "
+        f"no parallel plan fits in {format_bytes(budget)} per device ({where_budget}); the smallest "
+        f"per-device memory any plan needs is {format_bytes(need)} ({need:.4g} bytes, "
         f"{where.label() if where else 'n/a'}, recomputation on)",
         min_memory_bytes=need,
         memory_budget=budget,
     )
-
-
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= 0.1 * scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} bytes"
 
 
 def _min_memory(state: PlannerState, cfg: Config) -> float:
