@@ -78,7 +78,9 @@ def compile(
     _attach_backend(cm, options)
     if options.training:
         _attach_training(cm, model, traced, args, kwargs, options)
-    if options.mesh is not None:
+    if options.plan is not None:
+        cm.plan = saved_plan(options.plan, options.mesh, cm.graph, training=options.training)
+    elif options.mesh is not None:
         cm.plan = plan_for(cm.graph, options.mesh, training=options.training,
                            hardware=options.hardware or "h100",
                            micro_batches=options.micro_batches)
@@ -106,14 +108,15 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
     return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}
 
 
-MEGATRON_AXES = ("dp", "tp", "pp")
+MEGATRON_AXES = ("dp", "ep", "tp", "pp")
 
 
 def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
              hardware: str = "h100", micro_batches: int = 1,
              memory_budget: float | None = None):
-    """The Plan of `graph` on `mesh` (a DeviceMesh): a mesh named only by dp/tp/pp axes gets
-    that Megatron layout; any other mesh (or a device count) goes to the planner's search
+    """The Plan of `graph` on `mesh` (a DeviceMesh): a mesh named only by dp/ep/tp/pp axes gets
+    that Megatron layout (an "ep" axis: expert parallelism for moe.experts, data parallelism
+    for the rest, strategies/moe_rules.py); any other mesh (or a device count) goes to the planner's search
     (under `memory_budget` bytes per device, when given: plan_parallel's).
     `batch` defaults to the batch the graph was traced at."""
     from meshweave.ir.mesh import DeviceMesh
@@ -128,13 +131,47 @@ def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
         sizes = {n: mesh.axis_size(n) for n in mesh.names}
         return megatron_plan(graph, sizes.get("dp", 1), sizes.get("tp", 1), sizes.get("pp", 1),
                              micro_batches=micro_batches, batch=batch, training=training,
-                             spec=hardware)
+                             spec=hardware, ep=sizes.get("ep"))
     from meshweave.passes.parallel.search.search import plan_parallel
     from meshweave.passes.parallel.strategies.node_strategies import infer_batch_dims
 
     batch = batch or infer_batch_dims(graph).traced_batch
     return plan_parallel(graph, mesh, hardware, batch=batch, training=training,
                          memory_budget=memory_budget)
+
+
+def saved_plan(plan, mesh, graph, *, training: bool):
+    """CompileOptions.plan: a Plan (or the path of its JSON) checked against the mesh's size
+    and the batch the graph was traced at."""
+    from meshweave.ir.errors import MeshweaveError
+    from meshweave.ir.mesh import DeviceMesh
+    from meshweave.passes.parallel.plan import Plan
+    from meshweave.passes.parallel.strategies.node_strategies import infer_batch_dims
+
+    where = "CompileOptions.plan"
+    if isinstance(plan, str):
+        where = plan
+        try:
+            with open(plan) as f:
+                plan = Plan.from_json(f.read())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MeshweaveError(f"CompileOptions.plan={where!r}: cannot read a meshweave Plan "
+                                 f"JSON from it ({type(e).__name__}: {e})") from None
+    if not isinstance(plan, Plan):
+        raise TypeError(f"CompileOptions.plan: expected a Plan or the path of its JSON, got "
+                        f"{type(plan).__name__}")
+    size = mesh.size if isinstance(mesh, DeviceMesh) else mesh
+    if size is not None and size != plan.world_size:
+        raise MeshweaveError(f"{where}: the plan needs {plan.world_size} devices, but "
+                             f"CompileOptions.mesh={mesh} has {size}")
+    made_for = (plan.search or {}).get("batch") if isinstance(plan.search, dict) else None
+    traced = infer_batch_dims(graph).traced_batch
+    if made_for is not None and traced is not None and made_for != traced:
+        raise MeshweaveError(f"{where}: the plan was made for a global batch of {made_for}, "
+                             f"the model was traced at {traced}; trace at batch {made_for} "
+                             f"(meshweave run --batch {made_for}) or plan again")
+    plan.training = training
+    return plan
 
 
 def _attach_training(cm, model, ep, args, kwargs, options) -> None:

@@ -12,8 +12,16 @@
 plans whose pipeline stages have meshes of different shapes.
 Named meshes ("dp=2,tp=2") imply the grid; an "ep" axis ("ep=4", "dp=2,ep=2", "ep=2,tp=2") is
 expert parallelism for the moe.experts nodes (strategies/moe_rules.py) and data parallelism for
-the rest. Ranks run the planner's `lower_for_rank` programs
-(`--lowering split`: the runtime's own data/pipeline split, no tensor parallelism).
+the rest.
+
+The command is a thin layer over the Python API, the same script a user runs under torchrun:
+`meshweave.compile(model, inputs, options=CompileOptions(mesh=..., training=...))` (or
+`plan=` the --plan-file), then on every rank a torch optimizer on `cm.parameters()` (with
+`--zero`, `cm.zero_optimizer`), a cross-entropy on the full outputs against the next tokens,
+`loss.backward()` and `cm.state_dict()`. Locally the parent compiles once and forks the ranks,
+which inherit the compiled model (each rank compiles its own where fork is unsafe: CUDA, or a
+torch whose autograd breaks under fork); under torchrun every process compiles, and rank 0's
+plan is the one all run (runtime/distributed/module.py).
 `--check` reruns the model on one device and compares every output (with `--train`: the
 losses and every parameter after the steps); it exits with status 1 on a mismatch.
 `--quantize w4c [--method gptq] [--quant-skip NAMES]` (cli_quant.py's flags, inference only)
@@ -24,9 +32,12 @@ model holding the dequantized weights on one device, which is what the graph com
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import sys
 import time
+from typing import Any
 
 from meshweave.cli import CLIError, command
 
@@ -58,13 +69,9 @@ def _setup(p) -> None:
         action="store_true",
         help="compare with a single-device run; exit 1 on a mismatch",
     )
-    p.add_argument(
-        "--schedule",
-        choices=["gpipe", "1f1b"],
-        default=None,
-        help="pipeline schedule (default: 1f1b in training, gpipe otherwise)",
-    )
-    p.add_argument("--zero", action="store_true", help="ZeRO-1 over the dp axis")
+    p.add_argument("--zero", action="store_true",
+                   help="ZeRO-1 over the dp axis (cm.zero_optimizer: torch's "
+                        "ZeroRedundancyOptimizer)")
     p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -73,12 +80,6 @@ def _setup(p) -> None:
     )
     p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.1, adam 1e-3)")
-    p.add_argument(
-        "--lowering",
-        choices=["auto", "planner", "split"],
-        default="auto",
-        help="planner's lower_for_rank, or the runtime's own dp/pp split",
-    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     from meshweave.cli_quant import add_quant_args
 
@@ -142,6 +143,34 @@ def ep_from_mesh(mesh_text: str, kind: str) -> int | None:
     return mesh.axis_size("ep")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every rank compiles and runs (picklable: spawned ranks get it)."""
+
+    model: str
+    kind: str  # the plan kind (dp, tp, ..., fixed for a named mesh, auto, file)
+    mesh: Any  # CompileOptions.mesh: a named DeviceMesh, a device count (auto), or None
+    plan: Any  # CompileOptions.plan: the --plan-file's Plan, or None
+    training: bool
+    steps: int
+    batch: int
+    seq: int
+    layers: int | None
+    micro_batches: int
+    hardware: str | None
+    optim: Any  # runtime.distributed.optim.OptimConfig
+    zero: bool
+    device: str
+    timeout_s: float
+    quantize: Any = None
+    calibration: tuple | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.world_size if self.plan is not None else (
+            self.mesh if isinstance(self.mesh, int) else self.mesh.size)
+
+
 @command("run", "run a zoo model on local ranks under a parallel plan; --check vs one device")(
     _setup
 )
@@ -149,12 +178,10 @@ def _run(args) -> int:
     from meshweave.runtime.distributed.launch import under_torchrun
     from meshweave.runtime.distributed.optim import OptimConfig
     from meshweave.cli_flags import parse_mesh, resolve_planning
-    from meshweave.runtime.distributed.runner import RunSpec
 
     kind = grid = ep = None
     if args.plan_file is not None:
-        for flag, given in (("--pp", args.pp is not None), ("--plan", args.plan is not None),
-                            ("--zero", args.zero)):
+        for flag, given in (("--pp", args.pp is not None), ("--plan", args.plan is not None)):
             if given:
                 raise CLIError(f"{flag}: `meshweave run --plan-file` takes it from the plan")
     elif args.mesh is not None:
@@ -168,40 +195,33 @@ def _run(args) -> int:
         cannot["--spec"] = f"--plan {kind} is a fixed layout; only --plan auto is costed"
     resolve_planning(args, "run", needs="mesh|plan-file", unsupported=cannot,
                      search=kind == "auto", grid=grid)
+    if args.zero and not args.train:
+        raise CLIError("--zero shards the optimizer state: it needs --train")
     if args.plan_file is not None:
-        kind, dp, tp, pp = "file", 1, 1, args.plan_value.world_size
+        kind, mesh = "file", None
+    elif kind == "auto":
+        mesh = dp * pp
+    else:
+        mesh = megatron_mesh(dp, ep, tp, pp)
     lr = args.lr if args.lr is not None else (0.1 if args.optim == "sgd" else 1e-3)
-    spec = RunSpec(
-        args.model,
-        plan=kind,
-        dp=dp,
-        tp=tp,
-        pp=pp,
-        devices=dp * (ep or 1) * tp * pp,
-        ep=ep,
-        micro_batches=args.micro_batches,
-        schedule=args.schedule or ("1f1b" if args.train else "gpipe"),
-        zero=args.zero,
-        training=args.train,
-        steps=args.steps,
-        batch=args.batch,
-        seq=args.seq,
-        optim=OptimConfig(args.optim, lr=lr),
-        lowering=args.lowering,
-        timeout_s=args.timeout,
-        device=args.device,
-        plan_file=args.plan_file,
-        layers=args.num_layers,
-        hardware=args.spec,
-        **_quant_fields(args),
-    )
-    if under_torchrun():
-        return _run_torchrun(spec, args.check)
-    return _run_local(spec, args.check)
+    cfg = RunConfig(args.model, kind, mesh, args.plan_value, args.train, args.steps, args.batch,
+                    args.seq, args.num_layers, args.micro_batches, args.spec,
+                    OptimConfig(args.optim, lr=lr), args.zero, args.device, args.timeout,
+                    **_quant_fields(args))
+    return _run_torchrun(cfg, args.check) if under_torchrun() else _run_local(cfg, args.check)
+
+
+def megatron_mesh(dp: int, ep: int | None, tp: int, pp: int):
+    """The named DeviceMesh of a fixed layout (CompileOptions.mesh: api.plan_for's grid)."""
+    from meshweave.ir.mesh import DeviceMesh
+
+    axes = [(n, k) for n, k in (("dp", dp), ("ep", ep), ("tp", tp), ("pp", pp)) if k]
+    axes = [(n, k) for n, k in axes if k > 1] or [("dp", 1)]
+    return DeviceMesh(tuple(k for _, k in axes), tuple(n for n, _ in axes))
 
 
 def _quant_fields(args) -> dict:
-    """RunSpec's quantize/calibration from --quantize/--method/--quant-skip (cli_quant.py)."""
+    """RunConfig's quantize/calibration from --quantize/--method/--quant-skip (cli_quant.py)."""
     from meshweave.cli_quant import quant_compile_options
 
     if args.quantize is not None and args.train:
@@ -224,79 +244,163 @@ def _quant_fields(args) -> dict:
     return {"quantize": options["quantize"], "calibration": tuple(cal) if cal else None}
 
 
-def _prepare(spec):
+# ------------------------------------------------------------------------ compiling
+def compile_for(cfg: RunConfig, device: str = "cpu"):
+    """(model as built, inputs, compiled model): the zoo model at the run's batch, compiled
+    with the run's mesh or plan. The model is a copy of the built one: the compiled model's
+    training updates the tensors it was traced with."""
+    import meshweave
+    import torch
+    from meshweave.models import build_model, get_model_spec_with_layers
+
+    try:
+        get_model_spec_with_layers(cfg.model, cfg.layers)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    overrides = {} if cfg.layers is None else {"num_layers": cfg.layers}
+    model, inputs = build_model(cfg.model, device=device, batch=cfg.batch, seq=cfg.seq,
+                                **overrides)
+    original = copy.deepcopy(model)
+    options = meshweave.CompileOptions(
+        mesh=cfg.mesh, plan=cfg.plan, training=cfg.training, micro_batches=cfg.micro_batches,
+        hardware=cfg.hardware, quantize=cfg.quantize,
+        calibration=list(cfg.calibration) if cfg.calibration else None)
+    with torch.set_grad_enabled(cfg.training):
+        cm = meshweave.compile(model, tuple(inputs), options=options)
+    return original, tuple(inputs), cm
+
+
+def _compile_here(cfg: RunConfig):
     from meshweave.models import UnknownModelError
     from meshweave.progress import step
-    from meshweave.runtime.distributed.runner import prepare
 
     from meshweave.cli_quant import quantization_hint
     from meshweave.passes.quant import QuantizationError
 
     try:
-        with step(f"tracing and planning {spec.model}"):
-            return prepare(spec)
+        with step(f"tracing and planning {cfg.model}"):
+            return compile_for(cfg)
     except UnknownModelError as e:
         raise CLIError(str(e)) from None
     except QuantizationError as e:
-        raise CLIError(quantization_hint(e, spec.quantize.tag)) from None
+        raise CLIError(quantization_hint(e, cfg.quantize.tag)) from None
 
 
-def _run_local(spec, check: bool) -> int:
-    from meshweave.runtime.distributed.runner import check_devices, run_distributed
+# ------------------------------------------------------------------------ each rank
+def rank_main(rank: int, world_size: int, cfg: RunConfig, compiled=None) -> dict:
+    """One rank: the user's training (or inference) loop over the compiled model. `compiled`
+    is the parent's (inputs, cm) when the rank was forked from it; otherwise it compiles."""
+    import torch
+    from meshweave.runtime.distributed.runner import rank_device, step_loss, tensor_leaves
 
-    check_devices(spec, spec.world_size)  # before tracing: fail in a second, not a minute
-    if spec.device == "cpu":  # the local ranks share this machine's memory: all the weights
+    if compiled is None:
+        device = rank_device(cfg.device, rank)
+        if device != "cpu":
+            torch.cuda.set_device(device)
+        _, inputs, cm = compile_for(cfg, device)
+    else:
+        inputs, cm = compiled
+    out: dict[str, Any] = {"rank": rank, "seconds": []}
+    if not cfg.training:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            outputs = tensor_leaves(cm(*inputs))
+            out["seconds"].append(time.perf_counter() - t0)
+        out["outputs"] = [o.cpu() for o in outputs] if rank == 0 else None
+        return out
+    labels = torch.roll(inputs[0], -1, dims=1)  # the next tokens (the last predicts token 0)
+    cls, kwargs = cfg.optim.torch_args()
+    opt = cm.zero_optimizer(cls, **kwargs) if cfg.zero else cls(cm.parameters(), **kwargs)
+    losses = []
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        loss = step_loss(tensor_leaves(cm(*inputs))[0], labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        out["seconds"].append(time.perf_counter() - t0)
+    state = cm.state_dict()  # a collective: every rank calls it
+    local = opt.optim if cfg.zero else opt  # ZeroRedundancyOptimizer's own partition
+    out["optim_state_numel"] = sum(t.numel() for st in local.state.values()
+                                   for t in st.values() if torch.is_tensor(t) and t.dim())
+    out["param_numel"] = sum(p.numel() for p in cm.parameters())
+    if rank == 0:
+        out["losses"], out["params"] = losses, {k: v.cpu() for k, v in state.items()}
+    return out
+
+
+def _run_local(cfg: RunConfig, check: bool) -> int:
+    from meshweave.runtime.distributed.launch import _default_start_method, launch
+    from meshweave.runtime.distributed.runner import check_devices
+
+    check_devices(cfg, cfg.world_size)  # before tracing: fail in a second, not a minute
+    if cfg.device == "cpu":  # the local ranks share this machine's memory: all the weights
         from meshweave.cli import preflight_execution
 
-        preflight_execution(spec.model, spec.batch, spec.seq, spec.layers,
-                            training=spec.training, command="run")
-    job = _prepare(spec)
-    print(_plan_line(job))
+        preflight_execution(cfg.model, cfg.batch, cfg.seq, cfg.layers,
+                            training=cfg.training, command="run")
+    model, inputs, cm = _compile_here(cfg)
+    print(_plan_line(cfg, cm.plan))
+    fork = cfg.device == "cpu" and _default_start_method() == "fork"
     t0 = time.perf_counter()
-    got = run_distributed(job)
-    print(f"ran on {job.plan.world_size} local ranks in {time.perf_counter() - t0:.2f} s")
-    return _report(job, got, check)
+    results = launch(rank_main, cm.plan.world_size, (cfg, (inputs, cm) if fork else None),
+                     cfg.timeout_s, backend=_backend(cfg),
+                     start_method=None if fork else "spawn")
+    print(f"ran on {cm.plan.world_size} local ranks in {time.perf_counter() - t0:.2f} s")
+    return _report(cfg, model, inputs, cm, results, check)
 
 
-def _run_torchrun(spec, check: bool) -> int:
-    """Rank 0 traces, plans and writes the weights; every rank loads only its shards."""
+def _run_torchrun(cfg: RunConfig, check: bool) -> int:
+    """Every process compiles (rank 0's plan is the one all run) and runs its rank."""
     from meshweave.runtime.distributed.launch import launch
-    from meshweave.runtime.distributed.runner import collect, run_torchrun_rank
 
-    [(job, results)] = launch(
-        run_torchrun_rank,
-        spec.world_size,
-        (spec, _prepare),
-        spec.timeout_s,
-        backend=spec.backend,
-    )
-    if job is None:  # not rank 0
+    model, inputs, cm = _compile_here(cfg)
+    [mine] = launch(rank_main, cm.plan.world_size, (cfg, (inputs, cm)), cfg.timeout_s,
+                    backend=_backend(cfg))
+    if mine["rank"] != 0:
         return 0
-    print(_plan_line(job))
-    return _report(job, collect(job, results), check)
+    print(_plan_line(cfg, cm.plan))
+    return _report(cfg, model, inputs, cm, [mine], check)
 
 
-def _plan_line(job) -> str:
-    p = job.plan
+def _backend(cfg: RunConfig) -> str:
+    return "nccl" if cfg.device == "cuda" else "gloo"
+
+
+def _plan_line(cfg: RunConfig, p) -> str:
     return (
-        f"plan ({job.spec.plan}, lowering {job.lowering}): {p.num_stages} stage(s) x "
-        f"{p.meshes_text()} "
-        f"({', '.join(p.mesh.names)}) = {p.world_size} "
-        f"ranks, {p.micro_batches} micro-batch(es), {p.schedule}, "
-        f"ZeRO-1 {'on' if p.zero else 'off'}"
+        f"plan ({cfg.kind}): {p.num_stages} stage(s) x {p.meshes_text()} "
+        f"({', '.join(p.mesh.names)}) = {p.world_size} ranks, {p.micro_batches} "
+        f"micro-batch(es), ZeRO-1 {'on' if cfg.zero else 'off'}"
     )
 
 
-def _report(job, got, check: bool) -> int:
-    from meshweave.runtime.distributed.runner import compare, run_single_device
+def _report(cfg: RunConfig, model, inputs, cm, results: list[dict], check: bool) -> int:
+    import torch
+    from meshweave.runtime.distributed import runner
 
-    for i, loss in enumerate(got.losses):
+    first = results[0]
+    for i, loss in enumerate(first.get("losses", ())):
         print(f"step {i + 1}: loss {loss:.6f}")
-    if got.outputs is not None:
-        print("outputs: " + ", ".join(f"{tuple(o.shape)}" for o in got.outputs))
+    if first.get("outputs") is not None:
+        print("outputs: " + ", ".join(f"{tuple(o.shape)}" for o in first["outputs"]))
+    if cfg.training:
+        print(f"rank 0: {first['param_numel']} parameter elements, optimizer state "
+              f"{first['optim_state_numel']} elements"
+              f"{' (ZeRO-1 over dp)' if cfg.zero else ''}")
     if not check:
         return 0
-    errs = compare(run_single_device(job), got)
+    if "quant" in cm.graph.meta:  # what the quantized graph computes: the dequantized weights
+        from meshweave.passes.quant import dequantized_model
+
+        model = dequantized_model(model, cm.graph)
+    labels = torch.roll(inputs[0], -1, dims=1)
+    ref = runner.single_device(model, inputs, labels, training=cfg.training, steps=cfg.steps,
+                               optim=cfg.optim)
+    got = runner.RunResult(first.get("outputs"), first.get("losses", []),
+                           {k: v for k, v in first.get("params", {}).items() if k in ref.params})
+    errs = runner.compare(ref, got)
     bad = []
     for key, tol in (("outputs", OUTPUT_TOL), ("loss", OUTPUT_TOL), ("params", PARAM_TOL)):
         if key in errs:

@@ -124,9 +124,13 @@ class CompiledModel:
     # --- parameters ----------------------------------------------------------------------------
     def named_parameters(self):
         """(fully qualified name, tensor): with a plan, under its process group, this rank's
-        shards (for the optimizer); otherwise the model's own parameters."""
+        shards (for the optimizer); with training=True the model's own parameters, which the
+        compiled step reads and whose .grad backward() fills; otherwise the graph's weights."""
         if self.plan is not None and self.plan.world_size > 1:
             yield from self._rank_module([]).named_parameters()
+            return
+        if self.joint is not None:  # the training step reads (and fills .grad on) the model's
+            yield from self.source_model.named_parameters()
             return
         seen = set()
         for v in self.graph.inputs:
@@ -138,6 +142,17 @@ class CompiledModel:
     def parameters(self):
         for _, p in self.named_parameters():
             yield p
+
+    def zero_optimizer(self, optimizer_class=torch.optim.AdamW, **defaults):
+        """ZeRO-1 (a plan with a dp axis, under its process group): an optimizer over this
+        rank's shards whose state is partitioned over the dp ranks (torch's
+        ZeroRedundancyOptimizer; runtime/distributed/module.py). Used like any optimizer."""
+        if self.plan is None or self.plan.world_size == 1:
+            raise MeshweaveError(
+                f"cm.zero_optimizer: {self.model_name} has no multi-device plan to shard the "
+                f"optimizer state over; compile with CompileOptions(mesh=DeviceMesh((2,), "
+                f"('dp',)), training=True), or use a torch optimizer on cm.parameters()")
+        return self._rank_module([]).zero_optimizer(optimizer_class, **defaults)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded tensors keyed like model.state_dict() (with a plan: gathered from

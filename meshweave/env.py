@@ -4,8 +4,6 @@ MESHWEAVE_DUMP_DIR     write the IR after every pass (and generated kernels) und
                        as if CompileOptions(dump_dir=...) were given.
 MESHWEAVE_CACHE_DIR    cache root (default: ~/.cache/meshweave); generated kernels live
                        under <cache root>/kernels.
-MESHWEAVE_CHECKPOINT_DIR  where `meshweave run` writes the weight checkpoint that ranks load
-                       their shards from (default: a temp dir; must be shared across nodes).
 MESHWEAVE_MATMUL       the Triton backend's matmul policy when CodegenConfig does not name one:
                        auto (default), autotune, triton or torch (see codegen.CodegenConfig).
 MESHWEAVE_FAST_LAUNCH  0: launch every generated Triton kernel through triton's JIT dispatch
@@ -37,10 +35,6 @@ def cache_dir() -> str:
 
 def matmul_policy() -> str:
     return os.environ.get("MESHWEAVE_MATMUL") or "auto"
-
-
-def checkpoint_dir() -> str | None:
-    return os.environ.get("MESHWEAVE_CHECKPOINT_DIR") or None
 
 
 def fast_launch() -> bool:

@@ -26,6 +26,10 @@ class CompileOptions:
         per-rank cm.export_onnx(dir); dp/tp/pp-named axes give that Megatron layout, others
         the planner's search (meshweave.api.plan_for). Under a process group of the mesh's
         size, calling the model runs this rank's program (runtime/distributed/module.py).
+        An "ep" axis beside them (dp=2,ep=2) makes moe.experts expert-parallel.
+    plan: a saved parallel Plan (`meshweave plan --out FILE`): a Plan, or the path of its
+        JSON, to run instead of planning for `mesh` (which may then be omitted; given, its size
+        must be the plan's). It must have been made for the traced global batch.
     micro_batches: pipeline micro-batches of a dp/tp/pp-named mesh's plan.
     hardware: hardware spec name or path used by cost models (default h100).
     training: compile the training step too: forward and backward IR from AOTAutograd's joint
@@ -64,6 +68,7 @@ class CompileOptions:
     verify: bool = True
     check_inputs: bool = True
     mesh: Any = None
+    plan: Any = None
     micro_batches: int = 1
     hardware: str | None = None
     training: bool = False

@@ -80,3 +80,33 @@ def test_bad_meshes_are_clear_errors():
     assert cm.plan is None
     with pytest.raises(MeshweaveError, match="compiled without mesh="):
         cm.report("x.html")
+
+
+def test_a_saved_plan_is_run_as_given(planned, tmp_path):
+    """CompileOptions(plan=...): a Plan or its JSON, checked against the mesh and the batch."""
+    cm, inputs = planned
+    path = tmp_path / "plan.json"
+    path.write_text(cm.plan.to_json())
+    model, _ = build_model("gpt-tiny", batch=2, seq=8)
+    again = meshweave.compile(model.eval(), inputs,
+                              options=meshweave.CompileOptions(plan=str(path)))
+    assert again.plan.to_json() == cm.plan.to_json()
+    with pytest.raises(MeshweaveError, match="the plan needs 4 devices, but "
+                                             "CompileOptions.mesh=.* has 2"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(plan=cm.plan, mesh=2))
+    model4, inputs4 = build_model("gpt-tiny", batch=4, seq=8)
+    with pytest.raises(MeshweaveError, match="made for a global batch of 2, the model was "
+                                             "traced at 4"):
+        meshweave.compile(model4, inputs4, options=meshweave.CompileOptions(plan=str(path)))
+    path.write_text("{}")
+    with pytest.raises(MeshweaveError, match="cannot read a meshweave Plan JSON"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(plan=str(path)))
+    with pytest.raises(TypeError, match="expected a Plan or the path of its JSON, got dict"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(plan={}))
+
+
+def test_zero_optimizer_needs_a_plan():
+    model, inputs = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model, inputs, options=meshweave.CompileOptions(training=True))
+    with pytest.raises(MeshweaveError, match="no multi-device plan to shard the optimizer"):
+        cm.zero_optimizer(torch.optim.AdamW, lr=1e-3)

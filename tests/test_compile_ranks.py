@@ -3,6 +3,7 @@ user's script (tests/torchrun_train.py, Python API only) and match one device af
 steps, losses and every parameter (cm.state_dict(), gathered from the shards)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,10 +22,15 @@ def _torchrun(ranks: int, *args: str) -> str:
 
 
 @pytest.mark.timeout(240)
-def test_two_ranks_data_parallel_with_gradient_accumulation():
-    out = _torchrun(2, "dp=2", "--accumulate")
+def test_two_ranks_data_parallel_with_gradient_accumulation_and_zero1():
+    """dp=2, two backward() calls per step, cm.zero_optimizer(AdamW): one device's AdamW steps,
+    with each rank keeping the two moments of only some of the parameters."""
+    out = _torchrun(2, "dp=2", "--accumulate", "--zero")
     assert "plan: 1 stage(s) x mesh 2x1" in out, out
     assert "missing []" in out, out
+    held, state = map(int, re.search(r"rank 0 holds (\d+) of \d+ parameter elements, "
+                                     r"optimizer state (\d+) elements", out).groups())
+    assert 0.5 * held <= state <= 1.5 * held, out  # AdamW's 2 moments of about half of them
 
 
 @pytest.mark.timeout(240)

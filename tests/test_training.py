@@ -84,7 +84,9 @@ def test_saved_boundary_and_source_lines_are_printed():
 def test_three_adamw_steps_match_eager():
     model, ref, inputs = _pair("llama-tiny")
     cm = meshweave.compile(model, inputs, options=TRAIN)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # cm.parameters() are the tensors the step trains (the model's own), as with a plan
+    assert [id(p) for p in cm.parameters()] == [id(p) for p in model.parameters()]
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     for step in range(3):
         for o, m, f in ((opt, model, cm), (ref_opt, ref, ref)):

@@ -1,11 +1,13 @@
 """A user's training script under torchrun, with the Python API only (tests/test_compile_ranks.py).
 
     torchrun --standalone --nproc-per-node 4 tests/torchrun_train.py dp=2,tp=2 [--micro-batches 2]
+    torchrun --standalone --nproc-per-node 2 tests/torchrun_train.py dp=2 --zero
 
 Every rank builds the same seeded model, compiles it with mesh=, trains two AdamW steps on
 cm.parameters() with a cross-entropy computed outside on the full outputs, and compares the
 losses and cm.state_dict() with the same two steps on one device. Rank 0 prints the errors and
-the script exits 1 on a mismatch.
+the script exits 1 on a mismatch. With --zero the optimizer is cm.zero_optimizer(AdamW):
+its state is sharded over the dp ranks, and the steps still match one device's AdamW.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def train(fn, params, tokens, labels, steps: int, accumulate: bool) -> list[float]:
-    opt = torch.optim.AdamW(params, lr=1e-3)
+def train(fn, opt, tokens, labels, steps: int, accumulate: bool) -> list[float]:
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -54,6 +55,7 @@ def main() -> int:
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accumulate", action="store_true")
+    ap.add_argument("--zero", action="store_true")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     model, (tokens,) = build_model(args.model, batch=4, seq=8)
@@ -62,10 +64,16 @@ def main() -> int:
     options = meshweave.CompileOptions(mesh=meshweave.DeviceMesh.parse(args.mesh), training=True,
                                        micro_batches=args.micro_batches)
     cm = meshweave.compile(model, (tokens,), options=options)
-    got = train(cm, list(cm.parameters()), tokens, labels, args.steps, args.accumulate)
+    if args.zero:
+        opt = cm.zero_optimizer(torch.optim.AdamW, lr=1e-3)
+    else:
+        opt = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    got = train(cm, opt, tokens, labels, args.steps, args.accumulate)
+    local = opt.optim if args.zero else opt
+    state_numel = sum(t.numel() for st in local.state.values() for t in st.values() if t.dim())
     state = cm.state_dict()
-    want = train(reference, list(reference.parameters()), tokens, labels, args.steps,
-                 args.accumulate)
+    want = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), tokens, labels,
+                 args.steps, args.accumulate)
     ref_state = dict(reference.state_dict())
     param_err = max(max_errors({k: ref_state[k] for k in state}, state,
                                what="parameter").values())
@@ -75,7 +83,8 @@ def main() -> int:
         print(f"plan: {cm.plan.num_stages} stage(s) x {cm.plan.meshes_text()}, "
               f"{cm.plan.micro_batches} micro-batch(es)")
         print(f"rank 0 holds {sum(p.numel() for p in cm.parameters())} of "
-              f"{sum(p.numel() for p in reference.parameters())} parameter elements")
+              f"{sum(p.numel() for p in reference.parameters())} parameter elements, "
+              f"optimizer state {state_numel} elements")
         print(f"losses {got} vs one device {want}")
         print(f"max |error| loss {loss_err:.3e}, parameters {param_err:.3e}; missing {missing}")
     dist.destroy_process_group()

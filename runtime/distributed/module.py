@@ -21,9 +21,13 @@ stage. Micro-batches' transfers have their own tags (P2P.tag_offset), because on
 call runs all their backwards in the engine's order. When autograd finishes, a queued callback
 completes the gradients as the executor's optimizer does (optim.py: sum over the axes a shard
 is replicated on, then over tied copies), counting only what this backward added, so gradient
-accumulation over several backward() calls stays exact. A plan's ZeRO-1 flag is dropped here:
-the user's torch optimizer keeps state for its whole shards (meshweave run's own optimizer
-shards it).
+accumulation over several backward() calls stays exact.
+
+ZeRO-1: a torch optimizer over `cm.parameters()` keeps state for the rank's whole shards.
+`cm.zero_optimizer(torch.optim.AdamW, lr=...)` shards that state over the plan's "dp" axis
+instead: torch's ZeroRedundancyOptimizer over this rank's dp group, whose ranks hold the same
+shards and (after the backward above) the same gradients; each steps the parameters it owns
+and broadcasts them to the others.
 
 Weights: every rank holds the model (as with DDP); rank 0's parameters and buffers are
 broadcast at the first call, and rank 0's plan is the one every rank runs.
@@ -136,6 +140,33 @@ class RankModule:
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """(fully qualified name, this rank's shard), in the IR's parameter order."""
         return [(self.targets.get(n, n), p) for n, p in self.ex.params.items()]
+
+    def zero_optimizer(self, optimizer_class, **defaults):
+        """ZeRO-1 over the plan's dp axis: torch's ZeroRedundancyOptimizer over this rank's
+        shards, partitioned among the ranks of its dp group (see the module docstring)."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        from .groups import get_group
+
+        ex = self.ex
+        if not self.training:
+            raise DistributedError("zero_optimizer: the model was compiled without "
+                                   "training=True; there is nothing to optimize")
+        names = ex.mesh.names
+        if "dp" not in names:
+            raise DistributedError(f"zero_optimizer: ZeRO-1 shards optimizer state over a "
+                                   f"'dp' axis, and this stage's mesh has axes {names}; plan "
+                                   f"on a mesh with a dp axis, e.g. DeviceMesh((2, 2), "
+                                   f"('dp', 'tp'))")
+        axis = names.index("dp")
+        sharded = [n for n, s in ex.optimizer.sync.items() if axis not in s.sum_axes]
+        if sharded and ex.mesh.shape[axis] > 1:
+            raise DistributedError(f"zero_optimizer: parameters {sharded[:4]} are not "
+                                   f"replicated over the dp axis, so its ranks hold different "
+                                   f"shards of them; ZeRO-1 needs dp replicas")
+        group = get_group(ex.axis_ranks[axis])
+        return ZeroRedundancyOptimizer(list(ex.params.values()), optimizer_class,
+                                       process_group=group, **defaults)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters (gathered from every rank's shards) and buffers, keyed like the

@@ -44,9 +44,15 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.kind={self.kind!r}: expected 'sgd' or 'adam'")
 
     def build(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+        cls, kwargs = self.torch_args()
+        return cls(params, **kwargs)
+
+    def torch_args(self) -> tuple[type, dict]:
+        """(torch optimizer class, its keyword arguments): what `build` constructs."""
         if self.kind == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, foreach=False)
-        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
+            return torch.optim.SGD, {"lr": self.lr, "momentum": self.momentum, "foreach": False}
+        return torch.optim.Adam, {"lr": self.lr, "betas": self.betas, "eps": self.eps,
+                                  "foreach": False}
 
 
 @dataclasses.dataclass

@@ -1,4 +1,6 @@
-"""Run a zoo model under a parallel plan on local ranks, and on one device to compare.
+"""The runtime's own harness: a zoo model under a parallel plan on local ranks, with the
+executor's training step (its sharded optimizer, ZeRO-1 slices, GPipe and 1F1B schedules, the
+runtime's data/pipeline split), and on one device to compare.
 
     spec = RunSpec("gpt-tiny", plan="dpxtp", dp=2, tp=2, training=True, steps=2)
     job = prepare(spec)                 # build, trace, plan (in this process)
@@ -6,15 +8,17 @@
     ref = run_single_device(job)        # the eager model on one device
     errs = compare(ref, got)            # max |error| of outputs, losses and parameters
 
+Users do not come through here: `meshweave run` is a thin layer over meshweave.compile
+(meshweave/cli_run.py, runtime/distributed/module.py). Runtime tests and benchmarks use this
+harness to drive the executor directly; `single_device`, `compare` and `step_loss` are the
+oracle and the loss both share.
+
 The parent traces the model once, plans, and writes the weights once to a checkpoint file in
 a temporary directory (checkpoint.py); the ranks get a weight-free job (the graph's tensors on
 the meta device). Each rank lowers the plan for itself (`lower_for_rank` of the planner, or the
 runtime's own stage split for plans that only replicate parameters), loads only its own weight
 shards from the memory-mapped checkpoint, runs and returns its shards; the parent reassembles
-full parameters from the shards and their shard specs. Under torchrun there is no parent:
-`run_torchrun_rank` has rank 0 prepare the job and write the checkpoint (under
-$MESHWEAVE_CHECKPOINT_DIR when set, which every rank must see: a shared directory on several
-nodes), then broadcasts the weight-free job. Labels for training are the next tokens of the
+full parameters from the shards and their shard specs. Labels for training are the next tokens of the
 inputs (the last position predicts token 0), the loss is executor.py's documented "ce".
 """
 
@@ -22,14 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
 
 import torch
 
-from meshweave import env
 
 from ...ir.graph import Graph
 from ...ir.mesh import DeviceMesh
@@ -40,7 +42,6 @@ from .executor import RankExecutor
 from .module import assemble_params
 from .optim import OptimConfig
 from .program import RankProgram, program_from_lowered, split_stages, tie_rank_groups, tied_params
-from .shards import assemble_from_specs
 
 PLAN_KINDS = ("auto", "dp", "tp", "pp", "dpxtp", "ppxtp", "dpxpp", "fixed", "file")
 DEVICES = ("cpu", "cuda")
@@ -280,8 +281,6 @@ def _split_plan(spec: RunSpec, model, inputs, graph, cache: dict | None):
             f"{spec.micro_batches} micro-batches"
         )
     if local != spec.batch:
-        import meshweave
-
         key = (spec.model, local, spec.seq, spec.quantize)
         if cache is None or key not in cache:
             graph = _compiled_graph(model, tuple(x[:local] for x in inputs), spec.quantize,
@@ -436,37 +435,6 @@ def run_distributed(job: Job, start_method: str | None = None) -> RunResult:
     return collect(job, results)
 
 
-def run_torchrun_rank(rank: int, world_size: int, spec: RunSpec, prepare_fn=None):
-    """One rank under torchrun (launch's `fn`): rank 0 prepares the job and writes the
-    checkpoint, every rank gets the weight-free job by broadcast, runs, and rank 0 gathers the
-    results. Returns (job, results) on rank 0, (None, None) elsewhere."""
-    import torch.distributed as dist
-
-    box: list[Any] = [None]
-    job, tmp = None, None
-    try:
-        if rank == 0:
-            try:
-                job = (prepare_fn or prepare)(spec)
-                tmp = tempfile.mkdtemp(
-                    prefix="meshweave-weights-", dir=env.checkpoint_dir()
-                )
-                box = [rank_job(job, os.path.join(tmp, CHECKPOINT_NAME))]
-            except BaseException as e:
-                dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
-                raise
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise DistributedError(f"rank 0 failed to prepare the run: {box[0]}")
-        mine = run_rank(rank, world_size, box[0])
-        gathered = [None] * world_size if rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        return job, gathered
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def collect(job: Job, results: list[RankResult]) -> RunResult:
     """Full parameters (by fully qualified name) from every rank's shards and specs."""
     params = assemble_params(job.graph, job.plan, [(r.params, r.specs) for r in results])
@@ -486,28 +454,40 @@ def run_single_device(job: Job) -> RunResult:
         from ...passes.quant import dequantized_model
 
         model = dequantized_model(model, job.graph)
-    if not spec.training:
+    return single_device(model, job.inputs, job.labels, training=spec.training,
+                         steps=spec.steps, optim=spec.optim, loss=spec.loss)
+
+
+def single_device(model, inputs, labels, *, training: bool, steps: int, optim: OptimConfig,
+                  loss: str = "ce") -> RunResult:
+    """`model` on one device (the oracle of a distributed run): its outputs, or `steps` steps
+    of `optim` on the loss `loss` ("ce": cross-entropy of the first output on `labels`, "mean":
+    its mean), with the losses and the updated parameters by fully qualified name."""
+    if not training:
         with torch.no_grad():
-            return RunResult(_tensor_leaves(model(*job.inputs)), [], {})
-    opt = spec.optim.build([p for p in model.parameters()])
+            return RunResult(tensor_leaves(model(*inputs)), [], {})
+    opt = optim.build([p for p in model.parameters()])
     losses = []
-    for _ in range(spec.steps):
-        out = _tensor_leaves(model(*job.inputs))[0]
-        if spec.loss == "ce":
-            loss = torch.nn.functional.cross_entropy(
-                out.reshape(-1, out.shape[-1]), job.labels.reshape(-1)
-            )
-        else:
-            loss = out.float().mean()
+    for _ in range(steps):
+        out = tensor_leaves(model(*inputs))[0]
+        value = step_loss(out, labels, loss)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
     params = {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
     return RunResult(None, losses, params)
 
 
-def _tensor_leaves(out) -> list[torch.Tensor]:
+def step_loss(out: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """A training run's loss of the model's first output (executor.py documents "ce")."""
+    if loss == "ce":
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                 labels.reshape(-1))
+    return out.float().mean()
+
+
+def tensor_leaves(out) -> list[torch.Tensor]:
     """Model outputs as the IR's flat output list (HF ModelOutputs are pytrees)."""
     import torch.utils._pytree as pytree
 
