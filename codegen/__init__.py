@@ -84,7 +84,7 @@ class KernelInfo:
     """One kernel launch site of a compiled model."""
 
     name: str  # the Triton kernel function it launches
-    kind: str  # pointwise | reduction | matmul | attention | quant | moe
+    kind: str  # pointwise | reduction | matmul | attention | attention_train | quant | moe
     nodes: list[str]  # covered IR nodes, by output value name
     ops: list[str]
     sources: list[str]  # the user source lines of those nodes

@@ -16,13 +16,17 @@ and drift from it; the partition is what the rematerialization pass will choose 
 No decomposition table is passed: torch.export's Core ATen table, given to AOTAutograd,
 changes gpt-tiny's gradients by up to 4e-2 (torch 2.13; the same trace without it is exact),
 so the joint graphs keep the ATen ops autograd records (native_layer_norm_backward and the
-like run through the registry's eager fallback).
+like run through the registry's eager fallback). One exception: attention. torch records a
+different fused op per device (flash attention for CPU, flash/efficient/cuDNN on CUDA), so
+`route_attention` first sends every dropout-free SDPA through meshweave's own pair,
+meshweave.attention -> (out, logsumexp) and meshweave.attention_backward (ir/ops/attention.py),
+which the Triton backend lowers to its flash-attention forward and backward kernels.
 
 The trace runs the exported module through fx.Interpreter with node metadata preserved, so
 each forward node keeps the user's source line and each backward node carries the source line
 of the forward node it differentiates. Both graphs are converted to IR, optimized by the
 compiler's pass pipeline and verified, and run by the backend: the reference executor, or
-the Triton backend's generated module (ops without a kernel, such as the attention backward,
+the Triton backend's generated module (ops without a kernel, such as the layer-norm backward,
 run through torch inside it).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +100,39 @@ class _FlatOutputs(torch.nn.Module):
         return tuple(pytree.tree_leaves(fx.Interpreter(self.m).run(*leaves)))
 
 
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def route_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with every dropout-free 4-d SDPA called as meshweave.attention (ir/ops/attention.py),
+    so that AOTAutograd records the same forward/backward pair on every device. SDPA with
+    dropout keeps torch's own ops (their RNG state is torch's)."""
+    from ..ir.ops.attention import ATTENTION_OP
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        vals = {**dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
+        q = getattr(vals["query"], "meta", {}).get("val")
+        flags = (vals.get("dropout_p", 0.0), vals.get("is_causal", False), vals.get("scale"),
+                 vals.get("enable_gqa", False))
+        if any(isinstance(f, fx.Node) for f in flags) or flags[0] or q is None or q.dim() != 4:
+            continue
+        args = (vals["query"], vals["key"], vals["value"], vals.get("attn_mask"),
+                bool(flags[1]), None if flags[2] is None else float(flags[2]), bool(flags[3]))
+        meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
+        with gm.graph.inserting_after(node):
+            pair = gm.graph.call_function(ATTENTION_OP, args)
+        with gm.graph.inserting_after(pair):
+            out = gm.graph.call_function(operator.getitem, (pair, 0))
+        pair.meta, out.meta = dict(meta), {**meta, "val": node.meta.get("val")}
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def reference_runner(graph: Graph) -> Callable[[list[Any]], list[Any]]:
     """The reference executor over a graph whose inputs are all call arguments."""
     return lambda args: run_graph(graph, args)
@@ -136,7 +174,7 @@ def build_joint(
     from torch._functorch.partitioners import default_partition
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    flat = _FlatOutputs(ep.module())
+    flat = _FlatOutputs(route_attention(ep.module()))
     state = [n[2:] for n, _ in flat.named_parameters(remove_duplicate=False)]
     state += [n[2:] for n, _ in flat.named_buffers(remove_duplicate=False)]
     graphs: dict[str, Graph] = {}

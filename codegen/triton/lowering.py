@@ -723,3 +723,9 @@ def _max_pool2d(ctx, node, index):
 LOWERINGS.register("aten.max_pool2d_with_indices.default")(
     FirstOutput(_max_pool2d, _max_pool_supported)
 )
+
+
+# --- the backward's elementwise ops (lowering_grads.py) ------------------------------------
+from . import lowering_grads  # noqa: E402  (its rules use the helpers above)
+
+lowering_grads.register(pointwise, tanh)

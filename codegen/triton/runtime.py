@@ -27,6 +27,7 @@ from meshweave.ir.ops.quant import quant_linear as reference_quant_linear
 from meshweave.runtime.reference import run_node
 from .fast_launch import current_raw_stream, set_stream
 from .kernels.flash_attention import flash_attention
+from .kernels.flash_attention_bwd import flash_attention_backward, flash_attention_with_lse
 from .kernels.moe_dispatch import moe_experts_grouped
 from .kernels.quant_matmul import quant_matmul
 
@@ -351,6 +352,26 @@ class KernelRuntime:
         b, h, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         out = torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
         return out.copy_(got)
+
+    def attention_with_lse(self, kernel, q, k, v, mask=None, is_causal=False, scale=None,
+                           enable_gqa=False) -> tuple[torch.Tensor, torch.Tensor]:
+        """meshweave.attention (training): (out, lse) from the flash-attention kernel; policy
+        "torch" runs the op's eager implementation (ir/ops/attention.py)."""
+        if self.matmuls.policy == TORCH:
+            return torch.ops.meshweave.attention(q, k, v, mask, is_causal, scale, enable_gqa)
+        return flash_attention_with_lse(kernel, q, k, v, mask, is_causal, scale, enable_gqa,
+                                        interpret=self.interpret, allow_tf32=self.allow_tf32)
+
+    def attention_backward(self, dkdv_kernel, dq_kernel, dout, q, k, v, out, lse, mask=None,
+                           is_causal=False, scale=None, enable_gqa=False) -> tuple:
+        """meshweave.attention_backward: (dq, dk, dv) from the two backward kernels
+        (kernels/flash_attention_bwd.py); policy "torch" runs the op's eager implementation."""
+        if self.matmuls.policy == TORCH:
+            return torch.ops.meshweave.attention_backward(dout, q, k, v, out, lse, mask,
+                                                          is_causal, scale, enable_gqa)
+        return flash_attention_backward(dkdv_kernel, dq_kernel, dout, q, k, v, out, lse, mask,
+                                        is_causal, scale, enable_gqa, interpret=self.interpret,
+                                        allow_tf32=self.allow_tf32)
 
     # --- quant.linear -------------------------------------------------------------------------
     def quant_linear(self, kernels, x, qweight, scales, zeros, bias, *, bits: int,

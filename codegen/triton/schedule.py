@@ -2,7 +2,8 @@
 
 Every node is classified by the rule tables (no op-name if-chains): VIEW_INDEX -> a view
 (index arithmetic, never a kernel of its own), REDUCTIONS -> reduction, MATMULS -> matmul,
-ATTENTION -> flash attention, QUANT_MATMULS -> quant (the weight-only quantized GEMM),
+ATTENTION -> flash attention, ATTENTION_TRAINING -> attention_train (the training step's
+meshweave.attention pair: flash attention with its logsumexp, and its backward), QUANT_MATMULS -> quant (the weight-only quantized GEMM),
 MOE_KERNELS -> moe (moe.experts on the grouped GEMM),
 LOWERINGS -> pointwise; SymInt arithmetic runs in the wrapper ("host"); anything else, or
 anything in a dtype the backend does not support, runs through the reference executor
@@ -36,6 +37,7 @@ from meshweave.ir.graph import Graph, Node, Value
 from meshweave.ir.registry import lookup
 from meshweave.ir.types import ScalarType, TensorType, dtype_short
 from .kernels.flash_attention import ATTENTION
+from .kernels.flash_attention_bwd import ATTENTION_TRAINING
 from .indexing import VIEW_INDEX, numel, shapes_equal, to_expr
 from .kernels.reduction import REDUCTIONS, value_class
 from .lowering import LOWERINGS, Pointwise
@@ -115,6 +117,7 @@ def classify(n: Node, hints, interpret: bool, forced: dict[Node, str]) -> tuple[
         (REDUCTIONS, "reduction"),
         (MATMULS, "matmul"),
         (ATTENTION, "attention"),
+        (ATTENTION_TRAINING, "attention_train"),
         (QUANT_MATMULS, "quant"),
         (MOE_KERNELS, "moe"),
         (LOWERINGS, "pointwise"),

@@ -20,6 +20,7 @@ import torch
 from meshweave.ir.graph import Graph, Node, Value
 from meshweave.ir.types import ScalarType, TensorType
 from .kernels.flash_attention import FLASH_ATTENTION_SOURCE, parse_sdpa
+from .kernels.flash_attention_bwd import ATTENTION_TRAINING, FLASH_ATTENTION_BWD_SOURCE
 from .indexing import contiguous_strides, pexpr, to_expr
 from .kernels.pointwise import KernelSource, emit_pointwise, interpreter_loops
 from .kernels.reduction import emit_reduction
@@ -158,7 +159,12 @@ class _Wrapper:
         self.bound: set[sympy.Symbol] = set()
         self.node_index = {n: i for i, n in enumerate(graph.nodes)}
         self.loaded = {v for ks in kernels.values() for k in ks for v in k.inputs}
-        self.uses_attention = any(g.kind == "attention" for g in sched.groups)
+        self.uses_attention = any(g.kind == "attention" or g.kind == "attention_train"
+                                  and g.anchor.op == "meshweave.attention.default"
+                                  for g in sched.groups)
+        self.uses_attention_bwd = any(g.kind == "attention_train"
+                                      and g.anchor.op != "meshweave.attention.default"
+                                      for g in sched.groups)
         self.uses_quant = any(g.kind == "quant" for g in sched.groups)
         self.uses_moe = any(g.kind == "moe" for g in sched.groups)
         self.reuse = plan_reuse(graph, sched)
@@ -259,6 +265,8 @@ class _Wrapper:
         ]
         if self.uses_attention:
             self.defs.insert(0, self.mode_text(FLASH_ATTENTION_SOURCE))
+        if self.uses_attention_bwd:
+            self.defs.insert(0, self.mode_text(FLASH_ATTENTION_BWD_SOURCE))
         if self.uses_quant:
             self.defs.insert(0, quant_kernel_source(self.interpret))
         if self.uses_moe:
@@ -412,6 +420,32 @@ class _Wrapper:
             f"scale={a.scale!r}, enable_gqa={a.enable_gqa})"
         )
         self.record(g, "triton_flash_attention", self.mode_text(FLASH_ATTENTION_SOURCE))
+
+    def group_attention_train(self, g: Group) -> None:
+        """The training step's meshweave.attention pair (ir/ops/attention.py): contiguous
+        outputs, (out, lse) from the forward kernel, (dq, dk, dv) from the backward's two."""
+        n = g.anchor
+        rule = ATTENTION_TRAINING.get(n.op)
+        a = rule.parse(n)
+        mask = self.real(a.mask) if a.mask is not None else "None"
+        qkv = f"{self.real(a.q)}, {self.real(a.k)}, {self.real(a.v)}"
+        flags = f"is_causal={a.is_causal}, scale={a.scale!r}, enable_gqa={a.enable_gqa}"
+        outs = [f"buf_{o.name}" for o in n.outputs]
+        if rule.backward:
+            dout, out, lse = (self.real(n.args[i]) for i in (0, 4, 5))
+            self.comment(g, "triton_flash_attention_bwd")
+            self.emit(f"{', '.join(outs)}, = rt.attention_backward("
+                      f"triton_flash_attention_bwd_dkdv, triton_flash_attention_bwd_dq, {dout}, "
+                      f"{qkv}, {out}, {lse}, {mask}, {flags})")
+            self.record(g, "triton_flash_attention_bwd",
+                        self.mode_text(FLASH_ATTENTION_BWD_SOURCE))
+        else:
+            self.comment(g, "triton_flash_attention")
+            self.emit(f"{', '.join(outs)}, = rt.attention_with_lse(triton_flash_attention, "
+                      f"{qkv}, {mask}, {flags})")
+            self.record(g, "triton_flash_attention", self.mode_text(FLASH_ATTENTION_SOURCE))
+        for o, name in zip(n.outputs, outs):
+            self.names[o] = name
 
     def group_quant(self, g: Group) -> None:
         self.comment(g, "triton_quant_matmul")

@@ -11,6 +11,7 @@ Modules, by op category:
   reductions.py  sum/mean/amax/softmax/layer_norm and friends
   shape_ops.py   views, reshapes, permutes, slicing, concatenation, indexing
   linalg.py      mm/bmm/addmm/linear/sdpa/convolution/embedding
+  attention.py   meshweave.attention(_backward): the training step's attention pair (torch ops)
   misc.py        tensor creation, random-free utilities and SymInt arithmetic
   quant.py       quant.linear: weight-only quantized linear on packed int2/3/4/8 weights
   moe.py         moe.experts: MoE dispatch, expert MLPs and combine (sparse, dropless)
@@ -18,4 +19,4 @@ Modules, by op category:
 """
 
 from . import collectives, linalg, misc, moe, moe_ep, pointwise  # noqa: F401
-from . import quant, reductions, shape_ops  # noqa: F401
+from . import attention, quant, reductions, shape_ops  # noqa: F401

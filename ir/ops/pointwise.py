@@ -12,6 +12,10 @@ UNARY = ["abs", "neg", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", 
 
 BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "fmod", "remainder", "atan2", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or", "logical_xor", "eq", "ne", "lt", "le", "gt", "ge", "copy", "floor_divide", "rsub", "hypot"]
 
+# AOTAutograd's activation backwards (grad, input or output[, flags]): elementwise too
+BACKWARD = ["gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
+            "threshold_backward"]
+
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite"}
 LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
 FLOAT_RESULT = {"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "sin", "cos", "erf", "exp2",
@@ -54,7 +58,7 @@ def _register_family(base: str) -> None:
                     flops=_pointwise_flops, category="pointwise")
 
 
-for _name in UNARY + BINARY:
+for _name in UNARY + BINARY + BACKWARD:
     _register_family(_name)
 
 

@@ -92,11 +92,12 @@ ATTENTION.register("aten.scaled_dot_product_attention.default")(AttentionRule(pa
 FLASH_ATTENTION_SOURCE = """\
 @triton.jit
 def triton_flash_attention(
-    Q, K, V, Mask, Out,
+    Q, K, V, Mask, Out, Lse,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    smb, smh, smm, smn, sob, soh, som, sod,
+    smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
     H, KV_GROUP, SQ, SK, D, DV, qk_scale,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -155,6 +156,10 @@ def triton_flash_attention(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
+    if STORE_LSE:  # natural-log logsumexp of the scaled scores, for the backward
+        log2_l = tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + log2_l) * 0.6931471805599453)
+        tl.store(Lse + b * slb + h * slh + offs_m * slm, lse, mask=offs_m < SQ)
 """
 
 
@@ -173,9 +178,12 @@ def flash_attention(
     enable_gqa: bool = False,
     interpret: bool = False,
     allow_tf32: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, Hk, Sk, D], launching
-    `kernel` (FLASH_ATTENTION_SOURCE as compiled in the generated module)."""
+    `kernel` (FLASH_ATTENTION_SOURCE as compiled in the generated module). With `lse` (a
+    [B, H, Sq] fp32 tensor, for training) it also writes the rows' logsumexp there, and the
+    output is contiguous [B, H, Sq, D]."""
     B, H, SQ, D = q.shape
     HK, SK, DV = k.shape[1], k.shape[2], v.shape[3]
     if H % HK or (HK != H and not enable_gqa):
@@ -183,7 +191,10 @@ def flash_attention(
             f"attention with {H} query heads and {HK} key/value heads needs "
             f"enable_gqa=True and a divisible head count"
         )
-    out = torch.empty((B, SQ, H, DV), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    if lse is None:
+        out = torch.empty((B, SQ, H, DV), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    else:
+        out = torch.empty((B, H, SQ, DV), dtype=q.dtype, device=q.device)
     kind = 0
     if mask is not None:
         kind = 1 if mask.dtype == torch.bool else 2
@@ -207,11 +218,13 @@ def flash_attention(
         v,
         mask,
         out,
+        q if lse is None else lse,
         *q.stride(),
         *k.stride(),
         *v.stride(),
         *ms,
         *out.stride(),
+        *((0, 0, 0) if lse is None else lse.stride()),
         H,
         H // HK,
         SQ,
@@ -222,6 +235,7 @@ def flash_attention(
         IS_CAUSAL=bool(is_causal),
         MASK_KIND=kind,
         ALLOW_TF32=tf32,
+        STORE_LSE=lse is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
