@@ -163,6 +163,15 @@ def triton_flash_attention(
 """
 
 
+def mask_args(q: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> tuple:
+    """(mask tensor, its strides over [B, H, Sq, Sk] (0 on broadcast dims), MASK_KIND):
+    kind 0 none (q stands in), 1 boolean (True = attend), 2 additive."""
+    if mask is None:
+        return q, (0, 0, 0, 0), 0
+    mask = mask.expand(*shape)
+    return mask, mask.stride(), 1 if mask.dtype == torch.bool else 2
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
@@ -195,13 +204,7 @@ def flash_attention(
         out = torch.empty((B, SQ, H, DV), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
     else:
         out = torch.empty((B, H, SQ, DV), dtype=q.dtype, device=q.device)
-    kind = 0
-    if mask is not None:
-        kind = 1 if mask.dtype == torch.bool else 2
-        mask = mask.expand(B, H, SQ, SK)
-        ms = mask.stride()
-    else:
-        mask, ms = q, (0, 0, 0, 0)
+    mask, ms, kind = mask_args(q, mask, (B, H, SQ, SK))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d, block_dv = _pow2(D), _pow2(DV)
     if interpret:

@@ -26,7 +26,7 @@ import torch
 
 from meshweave.ir.graph import Node
 from meshweave.ir.registry import RuleTable
-from .flash_attention import AttentionArgs, AttentionRule, _pow2, flash_attention
+from .flash_attention import AttentionArgs, AttentionRule, _pow2, flash_attention, mask_args
 
 ATTENTION_TRAINING = RuleTable("triton_attention_training")
 
@@ -225,13 +225,7 @@ def flash_attention_backward(dkdv_kernel, dq_kernel, dout, q, k, v, out, lse, ma
     dk = torch.empty((B, H, SK, D), dtype=kv_dtype, device=q.device)
     dv = torch.empty((B, H, SK, DV), dtype=torch.float32 if grouped else v.dtype,
                      device=q.device)
-    kind = 0
-    if mask is not None:
-        kind = 1 if mask.dtype == torch.bool else 2
-        mask = mask.expand(B, H, SQ, SK)
-        ms = mask.stride()
-    else:
-        mask, ms = q, (0, 0, 0, 0)
+    mask, ms, kind = mask_args(q, mask, (B, H, SQ, SK))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d, block_dv = _pow2(D), _pow2(DV)
     if interpret:
