@@ -13,10 +13,12 @@ a backward with the values saved between them made explicit: the forward's extra
 backward's first inputs. Re-deriving those formulas as registry rules would duplicate torch's
 and drift from it; the partition is what the rematerialization pass will choose instead.
 
-No decomposition table is passed: torch.export's Core ATen table, given to AOTAutograd,
-changes gpt-tiny's gradients by up to 4e-2 (torch 2.13; the same trace without it is exact),
-so the joint graphs keep the ATen ops autograd records (native_layer_norm_backward and the
-like run through the registry's eager fallback). One exception: attention. torch records a
+torch.export's Core ATen decomposition table is not passed: given to AOTAutograd, it changes
+gpt-tiny's gradients by up to 4e-2 (torch 2.13; the same trace without it is exact), so the
+joint graphs keep the ATen ops autograd records, except native_layer_norm_backward, which
+torch's own decomposition turns into reductions and elementwise ops that the Triton backend
+fuses (gradients within 2e-7 of eager's); embedding_dense_backward and the convolution and
+pooling backwards run through the registry's eager fallback. One exception: attention. torch records a
 different fused op per device (flash attention for CPU, flash/efficient/cuDNN on CUDA), so
 `route_attention` first sends every dropout-free SDPA through meshweave's own pair,
 meshweave.attention -> (out, logsumexp) and meshweave.attention_backward (ir/ops/attention.py),
@@ -99,6 +101,16 @@ class _FlatOutputs(torch.nn.Module):
     def forward(self, *leaves):
         return tuple(pytree.tree_leaves(fx.Interpreter(self.m).run(*leaves)))
 
+
+def _backward_decompositions() -> dict:
+    """torch's own decompositions of the norm backwards into core ops (reductions and
+    elementwise math the Triton backend fuses); every other op stays as autograd records it."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([torch.ops.aten.native_layer_norm_backward.default])
+
+
+BACKWARD_DECOMPOSITIONS = _backward_decompositions()
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -228,6 +240,7 @@ def build_joint(
                 fw_compiler=compile_forward,
                 bw_compiler=compile_backward,
                 partition_fn=partition or default_partition,
+                decompositions=BACKWARD_DECOMPOSITIONS,
             )
     except MeshweaveError:  # a FrontendError, or the partition's (a budget it cannot meet)
         raise
