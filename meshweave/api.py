@@ -56,6 +56,10 @@ def compile(
     options = options or default_options()
     if not isinstance(args, tuple):
         args = (args,)
+    dp = None
+    if options.local_batch:  # trace at the global batch: each rank's example, dp times
+        dp = _local_dp(options)
+        args, kwargs, batched = _repeat_batch(args, kwargs, dp)
     if options.backend == "triton":
         # torch.export imports triton; the interpreter switch must come before it.
         from meshweave.codegen import prepare_triton_backend
@@ -84,9 +88,49 @@ def compile(
         cm.plan = plan_for(cm.graph, options.mesh, training=options.training,
                            hardware=options.hardware or "h100",
                            micro_batches=options.micro_batches)
+    if dp is not None:
+        _check_local_plan(cm.plan)
+        cm.signature = signature.local_batch(dp, batched)
     if dump_dir:
         cm.dump(dump_dir)
     return cm
+
+
+def _local_dp(options: CompileOptions) -> int:
+    """The dp degree that CompileOptions(local_batch=True) splits the batch over."""
+    from meshweave.ir.errors import MeshweaveError
+    from meshweave.ir.mesh import DeviceMesh
+
+    mesh = options.mesh
+    if options.plan is not None:
+        plan = saved_plan(options.plan, mesh, None, training=options.training)
+        mesh = plan.mesh
+    if not isinstance(mesh, DeviceMesh) or mesh.axis_names is None or "dp" not in mesh.names:
+        raise MeshweaveError(f"CompileOptions.local_batch=True: the batch is split over a 'dp' "
+                             f"mesh axis, and mesh={mesh!r} has none; use a named mesh such as "
+                             f"DeviceMesh((2, 2), ('dp', 'tp'))")
+    return mesh.axis_size("dp")
+
+
+def _repeat_batch(args: tuple, kwargs: dict | None, dp: int):
+    """(args, kwargs) with every tensor of rank >= 1 repeated dp times along dim 0, and which
+    leaves were (the signature's local slots)."""
+    import torch.utils._pytree as pytree
+
+    leaves, spec = pytree.tree_flatten((args, dict(kwargs or {})))
+    batched = [isinstance(x, torch.Tensor) and x.dim() >= 1 for x in leaves]
+    leaves = [torch.cat([x] * dp, 0) if b else x for x, b in zip(leaves, batched)]
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return args, kwargs, batched
+
+
+def _check_local_plan(plan) -> None:
+    from meshweave.ir.errors import MeshweaveError
+
+    if plan.num_stages > 1:
+        raise MeshweaveError(f"CompileOptions.local_batch=True needs a plan of one pipeline "
+                             f"stage (DDP-style data parallelism, with tp); this plan has "
+                             f"{plan.num_stages} stages: pass the global batch instead")
 
 
 def _quant_passes(options: CompileOptions, signature: Signature) -> list:
@@ -165,7 +209,7 @@ def saved_plan(plan, mesh, graph, *, training: bool):
         raise MeshweaveError(f"{where}: the plan needs {plan.world_size} devices, but "
                              f"CompileOptions.mesh={mesh} has {size}")
     made_for = (plan.search or {}).get("batch") if isinstance(plan.search, dict) else None
-    traced = infer_batch_dims(graph).traced_batch
+    traced = infer_batch_dims(graph).traced_batch if graph is not None else None
     if made_for is not None and traced is not None and made_for != traced:
         raise MeshweaveError(f"{where}: the plan was made for a global batch of {made_for}, "
                              f"the model was traced at {traced}; trace at batch {made_for} "

@@ -101,7 +101,7 @@ class CompiledModel:
                        *self.graph.tensors.values()]
             device = next((t.device for t in tensors if t.device.type == "cuda"), "cpu")
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,
-                                    device=device)
+                                    device=device, local_batch=self.options.local_batch)
         return self._rank
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
@@ -142,6 +142,14 @@ class CompiledModel:
     def parameters(self):
         for _, p in self.named_parameters():
             yield p
+
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(this rank's index along the plan's dp axis, the dp size), under the plan's process
+        group: the slice of the global batch a rank feeds with CompileOptions(local_batch=True).
+        (0, 1) without a plan."""
+        if self.plan is None or self.plan.world_size == 1:
+            return 0, 1
+        return self._rank_module([]).data_parallel_rank()
 
     def zero_optimizer(self, optimizer_class=torch.optim.AdamW, **defaults):
         """ZeRO-1 (a plan with a dp axis, under its process group): an optimizer over this

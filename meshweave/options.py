@@ -31,6 +31,12 @@ class CompileOptions:
         JSON, to run instead of planning for `mesh` (which may then be omitted; given, its size
         must be the plan's). It must have been made for the traced global batch.
     micro_batches: pipeline micro-batches of a dp/tp/pp-named mesh's plan.
+    local_batch: with a plan that has a "dp" axis and one pipeline stage, every rank passes its
+        own slice of the global batch (dim 0 of each tensor argument; the example too) and gets
+        that slice's outputs, as DDP takes them: the outputs are not gathered over dp, and
+        backward() of a loss averaged over the local batch gives DDP's averaged gradients.
+        cm.data_parallel_rank() says which slice a rank feeds. The model is traced at the
+        global batch (the example repeated dp times).
     hardware: hardware spec name or path used by cost models (default h100).
     training: compile the training step too: forward and backward IR from AOTAutograd's joint
         trace (frontend/joint.py); calls with grad enabled are differentiable.
@@ -70,6 +76,7 @@ class CompileOptions:
     mesh: Any = None
     plan: Any = None
     micro_batches: int = 1
+    local_batch: bool = False
     hardware: str | None = None
     training: bool = False
     cuda_graphs: bool | None = None
@@ -93,6 +100,9 @@ class CompileOptions:
             if not self.training:
                 raise ValueError(f"CompileOptions.memory_budget={self.memory_budget!r} chooses "
                                  f"what the backward recomputes: it needs training=True")
+        if self.local_batch and self.mesh is None and self.plan is None:
+            raise ValueError("CompileOptions.local_batch=True splits the batch over a plan's "
+                             "dp axis: it needs mesh= (with a 'dp' axis) or plan=")
         if self.memory_limit is not None:
             from meshweave.passes.offload import memory_limit_bytes
 

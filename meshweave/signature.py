@@ -40,6 +40,17 @@ class Signature:
         self.symbols = symbols
         self.arg_names = arg_names
 
+    def local_batch(self, dp: int, batched: list[bool]) -> Signature:
+        """The signature one rank is called with under CompileOptions(local_batch=True): the
+        slots marked `batched` (traced at dp times the rank's batch) have dim 0 divided by dp."""
+        slots = []
+        for slot, b in zip(self.slots, batched):
+            exp = slot.expected
+            if b and isinstance(exp, TensorType) and isinstance(exp.shape[0], int):
+                exp = TensorType((exp.shape[0] // dp, *exp.shape[1:]), exp.dtype, exp.device)
+            slots.append(InputSlot(slot.name, exp))
+        return Signature(self.in_spec, slots, self.symbols, self.arg_names)
+
     def _traced_arity(self) -> tuple[int, list[str]]:
         args_spec, kw_spec = _children(self.in_spec)
         return len(_children(args_spec)), list(kw_spec.context or [])

@@ -110,3 +110,23 @@ def test_zero_optimizer_needs_a_plan():
     cm = meshweave.compile(model, inputs, options=meshweave.CompileOptions(training=True))
     with pytest.raises(MeshweaveError, match="no multi-device plan to shard the optimizer"):
         cm.zero_optimizer(torch.optim.AdamW, lr=1e-3)
+
+
+def test_local_batch_checks_the_plan_and_the_per_rank_shapes():
+    """CompileOptions(local_batch=True): traced at the global batch (the example dp times),
+    called with one rank's slice; a mesh without dp, or with pipeline stages, is refused."""
+    model, inputs = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model, inputs, options=meshweave.CompileOptions(
+        mesh=MESH, training=True, local_batch=True))
+    assert cm.graph.user_inputs[0].tensor_type.shape[0] == 4  # 2 per rank x dp=2
+    assert cm.signature.slots[0].expected.shape[0] == 2
+    with pytest.raises(ValueError, match=r"dim 0 must be 2"):
+        cm(torch.cat([inputs[0]] * 2))  # the global batch, where one rank's slice belongs
+    with pytest.raises(ValueError, match="local_batch=True splits the batch over a plan's dp"):
+        meshweave.CompileOptions(local_batch=True)
+    with pytest.raises(MeshweaveError, match="has none; use a named mesh"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(
+            mesh=meshweave.DeviceMesh((2,), ("tp",)), local_batch=True))
+    with pytest.raises(MeshweaveError, match="needs a plan of one pipeline stage"):
+        meshweave.compile(model, inputs, options=meshweave.CompileOptions(
+            mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))

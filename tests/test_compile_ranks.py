@@ -34,6 +34,21 @@ def test_two_ranks_data_parallel_with_gradient_accumulation_and_zero1():
 
 
 @pytest.mark.timeout(240)
+def test_per_rank_batches_as_ddp_takes_them():
+    """local_batch=True: each rank feeds its own half of the batch and gets its half's
+    logits; the mean of the ranks' local losses and the AdamW steps equal one device's."""
+    out = _torchrun(2, "dp=2", "--per-rank-batch")
+    assert "missing []" in out, out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.heavy
+def test_per_rank_batches_with_tensor_parallelism_and_micro_batches():
+    out = _torchrun(4, "dp=2,tp=2", "--per-rank-batch", "--micro-batches", "2")
+    assert "plan: 1 stage(s) x mesh 2x2, 2 micro-batch(es)" in out and "missing []" in out, out
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.heavy  # long: the default run keeps a lighter case of the same path
 def test_four_ranks_dp2_tp2_hold_half_the_parameters():
     out = _torchrun(4, "dp=2,tp=2")

@@ -56,19 +56,37 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accumulate", action="store_true")
     ap.add_argument("--zero", action="store_true")
+    ap.add_argument("--per-rank-batch", dest="local", action="store_true",
+                    help="local_batch=True: each rank feeds its own slice of the batch (DDP)")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     model, (tokens,) = build_model(args.model, batch=4, seq=8)
     reference = copy.deepcopy(model)
     labels = torch.roll(tokens, -1, dims=1)
     options = meshweave.CompileOptions(mesh=meshweave.DeviceMesh.parse(args.mesh), training=True,
-                                       micro_batches=args.micro_batches)
-    cm = meshweave.compile(model, (tokens,), options=options)
+                                       micro_batches=args.micro_batches,
+                                       local_batch=args.local)
+    fn, feed, want_labels = None, tokens, labels
+    if args.local:  # this rank's slice of the global batch, as a DistributedSampler gives it
+        dp = options.mesh.axis_size("dp")
+        cm = meshweave.compile(model, (tokens[: tokens.shape[0] // dp],), options=options)
+        index, size = cm.data_parallel_rank()
+        rows = slice(index * tokens.shape[0] // size, (index + 1) * tokens.shape[0] // size)
+        feed, want_labels = tokens[rows], labels[rows]
+
+        def fn(x):
+            return cm(x)
+    else:
+        cm = meshweave.compile(model, (tokens,), options=options)
     if args.zero:
         opt = cm.zero_optimizer(torch.optim.AdamW, lr=1e-3)
     else:
         opt = torch.optim.AdamW(cm.parameters(), lr=1e-3)
-    got = train(cm, opt, tokens, labels, args.steps, args.accumulate)
+    got = train(fn or cm, opt, feed, want_labels, args.steps, args.accumulate)
+    if args.local:  # each rank's loss is its slice's mean: their average is the global loss
+        box = torch.tensor(got)
+        dist.all_reduce(box)
+        got = (box / dist.get_world_size()).tolist()
     local = opt.optim if args.zero else opt
     state_numel = sum(t.numel() for st in local.state.values() for t in st.values() if t.dim())
     state = cm.state_dict()

@@ -29,6 +29,13 @@ instead: torch's ZeroRedundancyOptimizer over this rank's dp group, whose ranks 
 shards and (after the backward above) the same gradients; each steps the parameters it owns
 and broadcasts them to the others.
 
+Local batches (CompileOptions(local_batch=True), DDP's convention): each rank passes its own
+slice of the global batch along the dp axis. The slices are all-gathered (inputs are small) and
+laid out so that the usual cuts give each rank its own rows back; the lowering keeps the
+outputs' dp slices (lower_for_rank's local_axis), so each rank gets its rows' outputs and the
+logits are never gathered over dp. The same division of the output gradients by
+the last stage's copies then gives DDP's average of the ranks' local-mean gradients.
+
 Weights: every rank holds the model (as with DDP); rank 0's parameters and buffers are
 broadcast at the first call, and rank 0's plan is the one every rank runs.
 """
@@ -55,7 +62,8 @@ _MB_TAG_STRIDE = 1024  # tag offset between micro-batches (plan transfer tags ar
 class RankModule:
     """One rank's program of `plan` for `graph`, differentiable when `training`."""
 
-    def __init__(self, graph: Graph, plan, *, training: bool, device: str | torch.device):
+    def __init__(self, graph: Graph, plan, *, training: bool, device: str | torch.device,
+                 local_batch: bool = False):
         from ...passes.parallel.lower.rank import lower_for_rank
         from .groups import init_plan_groups
         from .program import program_from_lowered, tie_rank_groups
@@ -67,7 +75,14 @@ class RankModule:
         _broadcast_tensors(graph)
         ties = tied_params(graph, plan)
         init_plan_groups(plan, tie_rank_groups(ties, plan))
-        lowered = lower_for_rank(graph, plan, self.rank)
+        names = plan.stage_mesh(plan.stage_of_rank(self.rank)).names
+        self.dp_axis = None  # local_batch: the mesh axis each rank's batch slice lies along
+        if local_batch:
+            if "dp" not in names:
+                raise DistributedError(f"local_batch=True: the plan's mesh axes {names} have "
+                                       f"no 'dp' axis to split the batch over")
+            self.dp_axis = names.index("dp")
+        lowered = lower_for_rank(graph, plan, self.rank, local_axis=self.dp_axis)
         self.program = program_from_lowered(lowered, graph, plan, self.rank)
         self.ex = RankExecutor(self.program, plan, training=training, device=str(device),
                                ties=ties)
@@ -78,6 +93,8 @@ class RankModule:
     # ------------------------------------------------------------------ calling
     def __call__(self, leaves: list[Any]) -> list[torch.Tensor]:
         ex = self.ex
+        if self.dp_axis is not None:
+            leaves = self._global_batch(leaves)
         grad = self.training and torch.is_grad_enabled()
         ex.training = grad  # both ends of every transfer agree: all ranks call alike
         ex._saved, ex._outputs = {}, {}
@@ -105,6 +122,35 @@ class RankModule:
             return full
         copies = ex.size if ex.is_last else None
         return list(_Boundary.apply(self, copies, len(roots), *roots, *full))
+
+    def _global_batch(self, leaves: list[Any]) -> list[Any]:
+        """local_batch: the global batch from every dp rank's slice (a differentiable
+        all-gather of the inputs, which are small beside the activations), laid out so that
+        the executor's micro-batch and dp cuts hand each rank back its own rows, in order."""
+        ex, dp = self.ex, self.ex.mesh.shape[self.dp_axis]
+        m = self.plan.micro_batches
+        out = []
+        for x in leaves:
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                out.append(x)
+                continue
+            if x.shape[0] % m:
+                raise DistributedError(f"local_batch=True: a rank's batch of {x.shape[0]} does "
+                                       f"not split into {m} micro-batches")
+            every = ac.all_gather(x.to(ex.device), 0, ex.axis_ranks[self.dp_axis])
+            rest = tuple(x.shape[1:])
+            every = every.reshape(dp, m, x.shape[0] // m, *rest).transpose(0, 1)
+            out.append(every.reshape(dp * x.shape[0], *rest))
+        return out
+
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(this rank's index along the plan's dp axis, the dp size): which slice of the
+        global batch it feeds under local_batch=True (as DistributedSampler's rank)."""
+        names = tuple(self.ex.mesh.names)
+        if "dp" not in names:
+            return 0, 1
+        a = names.index("dp")
+        return self.ex.coords[a], self.ex.mesh.shape[a]
 
     def _to_every_stage(self, full: list[torch.Tensor]) -> list[torch.Tensor]:
         """The last stage's outputs on every rank (a broadcast from its first rank)."""
@@ -206,7 +252,8 @@ def assemble_params(graph: Graph, plan, ranks) -> dict[str, torch.Tensor]:
 
 
 def _replicate(ex: RankExecutor, x: torch.Tensor, v) -> torch.Tensor:
-    """An output value made whole on every rank of the stage, differentiably."""
+    """An output value made whole on every rank of the stage, differentiably (the planner's
+    lowering already did; split programs' outputs are gathered here)."""
     for a, p in enumerate(ex.placements(v)):
         if isinstance(p, Partial):
             x = ac.all_reduce(x, ex.axis_ranks[a])

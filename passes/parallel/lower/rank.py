@@ -33,8 +33,9 @@ from ..strategies.reshard import Step, reshard_steps
 
 
 class RankLowering:
-    def __init__(self, su: LoweringSetup, rank: int):
+    def __init__(self, su: LoweringSetup, rank: int, local_axis: int | None = None):
         plan = su.plan
+        self.local_axis = local_axis
         if not 0 <= rank < plan.world_size:
             raise LoweringError(f"rank {rank} is outside the plan's {plan.world_size} devices")
         self.su, self.rank = su, rank
@@ -79,7 +80,8 @@ class RankLowering:
         outputs = []
         if self.stage == su.plan.num_stages - 1:
             rep = tuple(Replicate() for _ in self.mesh.shape)
-            outputs = [self.materialize(v, rep) for v in su.graph.outputs]
+            outputs = [self.materialize(v, self._output_placements(v, rep))
+                       for v in su.graph.outputs]
         g = Graph(
             self.inputs,
             self.nodes,
@@ -91,6 +93,15 @@ class RankLowering:
         )
         g.meta.update(self._meta())
         return g
+
+    def _output_placements(self, v: Value, rep: Placements) -> Placements:
+        """Replicated, but for a batch-split output's slices along `local_axis` (each rank
+        keeps its own rows: CompileOptions(local_batch=True))."""
+        a = self.local_axis
+        pl = self.su.placements.get(v) if a is not None else None
+        if pl is not None and isinstance(pl[a], Shard) and pl[a].dim == 0:
+            return (*rep[:a], Shard(0), *rep[a + 1:])
+        return rep
 
     def _meta(self) -> dict[str, Any]:
         su = self.su
@@ -387,10 +398,13 @@ def _box_type(t: TensorType, box) -> TensorType:
 
 
 def lower_for_rank(
-    graph: Graph, plan: Plan, rank: int, *, setup: LoweringSetup | None = None
+    graph: Graph, plan: Plan, rank: int, *, setup: LoweringSetup | None = None,
+    local_axis: int | None = None,
 ) -> Graph:
-    """The program rank `rank` runs per micro-batch (see the package docstring)."""
+    """The program rank `rank` runs per micro-batch (see the package docstring). Its outputs
+    are replicated over the stage mesh; with `local_axis`, batch-split outputs keep their
+    slices along that mesh axis (per-rank batches, as DDP)."""
     su = setup or analyse(graph, plan)
-    out = RankLowering(su, rank).run()
+    out = RankLowering(su, rank, local_axis).run()
     verify(out, after_pass=f"lower_for_rank({rank})")
     return out
