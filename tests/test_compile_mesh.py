@@ -130,3 +130,39 @@ def test_local_batch_checks_the_plan_and_the_per_rank_shapes():
     with pytest.raises(MeshweaveError, match="needs a plan of one pipeline stage"):
         meshweave.compile(model, inputs, options=meshweave.CompileOptions(
             mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))
+
+
+def test_vocab_parallel_cross_entropy_never_gathers_the_logits():
+    """A module returning its loss: on dp=2,tp=2 the planner keeps the logits vocab-split
+    through log_softmax (row max and sum of exponentials all-reduced) and the target pick
+    (a partial sum); every rank's program equals the graph (simulate_plan)."""
+    import torch.nn.functional as F
+    from meshweave.passes.parallel.lower.rank import lower_for_rank
+    from meshweave.passes.parallel.lower.simulate import simulate_plan
+    from meshweave.runtime.reference import run_graph
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, y):
+            o = self.m(x)
+            return F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
+
+    model, (x,) = build_model("gpt-tiny", batch=4, seq=8)
+    y = torch.roll(x, -1, 1)
+    cm = meshweave.compile(WithLoss(model), (x, y), options=meshweave.CompileOptions(
+        mesh=MESH, training=True))
+    softmax = next(n for n in cm.graph.nodes if n.op == "aten._log_softmax.default")
+    assert cm.plan.placements[softmax.outputs[0].name][1] == "S(1)"
+    vocab = softmax.outputs[0].tensor_type.shape[-1]
+    gathered = [c for c in cm.plan.collectives if c.kind == "all_gather"
+                and not c.value.startswith("p_") and c.nbytes >= vocab * 4]
+    assert not gathered, gathered
+    reduces = [n.kwargs.get("reduce") for n in lower_for_rank(cm.graph, cm.plan, 0).nodes
+               if n.op == "dist.all_reduce"]
+    assert "max" in reduces, reduces
+    want = run_graph(cm.graph, [x, y])[0]
+    torch.testing.assert_close(simulate_plan(cm.graph, cm.plan, [x, y])[0], want,
+                               rtol=1e-5, atol=1e-6)

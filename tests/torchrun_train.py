@@ -28,8 +28,27 @@ TOL = 1e-5  # losses
 PARAM_TOL = 3e-5  # AdamW (lr 1e-3) steps magnify reassociation error of tiny gradients
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_of(logits, labels: torch.Tensor) -> torch.Tensor:
+    if isinstance(logits, _LossOut):  # the compiled module computed the loss itself
+        return logits.loss
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class _LossOut:
+    def __init__(self, loss):
+        self.loss = loss
+
+
+class WithLoss(torch.nn.Module):
+    """The model and its cross-entropy in one module (--loss-in-model): the vocab-parallel
+    cross-entropy path, where the logits are never gathered."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, labels):
+        return loss_of(self.model(tokens), labels)
 
 
 def train(fn, opt, tokens, labels, steps: int, accumulate: bool) -> list[float]:
@@ -56,6 +75,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accumulate", action="store_true")
     ap.add_argument("--zero", action="store_true")
+    ap.add_argument("--loss-in-model", action="store_true")
     ap.add_argument("--per-rank-batch", dest="local", action="store_true",
                     help="local_batch=True: each rank feeds its own slice of the batch (DDP)")
     args = ap.parse_args()
@@ -76,6 +96,11 @@ def main() -> int:
 
         def fn(x):
             return cm(x)
+    elif args.loss_in_model:
+        cm = meshweave.compile(WithLoss(model), (tokens, labels), options=options)
+
+        def fn(x):
+            return _LossOut(cm(x, labels))
     else:
         cm = meshweave.compile(model, (tokens,), options=options)
     if args.zero:
@@ -90,6 +115,8 @@ def main() -> int:
     local = opt.optim if args.zero else opt
     state_numel = sum(t.numel() for st in local.state.values() for t in st.values() if t.dim())
     state = cm.state_dict()
+    if args.loss_in_model:  # keyed like WithLoss: model.<name>
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     want = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), tokens, labels,
                  args.steps, args.accumulate)
     ref_state = dict(reference.state_dict())

@@ -4,7 +4,9 @@ passes/parallel/lower/ turns a planned graph into one program per rank; the data
 between ranks is explicit in it as these ops. Keyword arguments (the contract with the
 distributed runtime):
 
-  dist.all_reduce(x, axis=, group=, reduce="sum")          same shape
+  dist.all_reduce(x, axis=, group=, reduce="sum")          same shape; reduce "sum" or "max"
+                                                           ("max" carries no gradient: the
+                                                           shift of a vocab-parallel softmax)
   dist.all_gather(x, axis=, group=, dim=)                  shape[dim] * len(group)
   dist.reduce_scatter(x, axis=, group=, dim=, reduce="sum") shape[dim] / len(group)
   dist.all_to_all(x, axis=, group=, dim=, concat_dim=)     split `dim`, concatenate `concat_dim`
@@ -54,10 +56,11 @@ def _resize(x: TensorType, dim: int, factor: float) -> TensorType:
 def all_reduce(x: torch.Tensor, *, axis=None, group, reduce: str = "sum") -> torch.Tensor:
     import torch.distributed as dist
 
-    if reduce != "sum":
-        raise ValueError(f"dist.all_reduce: only reduce='sum' is supported, got {reduce!r}")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"dist.all_reduce: reduce must be 'sum' or 'max', got {reduce!r}")
     y = x.clone()
-    dist.all_reduce(y, group=_group(group))
+    op = dist.ReduceOp.SUM if reduce == "sum" else dist.ReduceOp.MAX
+    dist.all_reduce(y, op=op, group=_group(group))
     return y
 
 

@@ -139,6 +139,15 @@ def all_reduce(x: torch.Tensor, ranks) -> torch.Tensor:
     return _AllReduce.apply(x, _tuple(ranks))
 
 
+def all_reduce_max(x: torch.Tensor, ranks) -> torch.Tensor:
+    """Elementwise max over `ranks`, without a gradient: the IR uses it only for the shift of
+    a vocab-parallel log-softmax, whose result does not depend on the shift."""
+    y = x.detach().clone(memory_format=torch.contiguous_format)
+    if len(ranks) > 1:
+        dist.all_reduce(y, op=dist.ReduceOp.MAX, group=_group(ranks))
+    return y
+
+
 def all_gather(x: torch.Tensor, dim: int, ranks) -> torch.Tensor:
     """Concatenate the shards of `ranks` along `dim`, in rank order (Shard(dim) -> Replicate)."""
     return _AllGather.apply(x, dim, _tuple(ranks))

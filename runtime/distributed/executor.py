@@ -393,8 +393,12 @@ def register_dist_impl(op: str) -> Callable[[DistImpl], DistImpl]:
 
 @register_dist_impl("dist.all_reduce")
 def _all_reduce(ex, n, args, kwargs, mb):
-    if kwargs.get("reduce", "sum") != "sum":
-        raise DistributedError(f"dist.all_reduce: only reduce='sum', got {kwargs['reduce']!r}")
+    reduce = kwargs.get("reduce", "sum")
+    if reduce == "max":  # no gradient (ir/ops/collectives.py)
+        return ac.all_reduce_max(args[0], kwargs["group"])
+    if reduce != "sum":
+        raise DistributedError(f"dist.all_reduce: reduce must be 'sum' or 'max', got "
+                               f"{reduce!r}")
     return ac.all_reduce(args[0], kwargs["group"])
 
 

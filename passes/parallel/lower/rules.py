@@ -11,6 +11,11 @@ only local shapes in their size arguments; the others:
   embedding       vocab parallel (weight sharded on rows, output Partial): look up local rows,
                   zero the rows of ids outside this rank's vocabulary range
   mean            over a sharded dim (output Partial): scale the local mean by 1 / shards
+  _log_softmax    vocab parallel (input split along the softmax dim): the row max and the sum
+                  of exponentials all-reduced over the split axes (max without a gradient:
+                  the result does not depend on the shift), Megatron's cross-entropy
+  gather          from a vocab-split input (output Partial): indices outside this rank's
+                  range read row 0 and are zeroed, as for the embedding
   moe.experts     expert parallel (experts and tokens split on one axis): moe.experts_ep,
                   the all_to_all dispatch and combine over that axis's group
 
@@ -31,6 +36,15 @@ from .setup import LoweringError, LoweringSetup
 from ..strategies.axis import node_inputs
 
 LOWERING_RULES = RuleTable("parallel_lowering")
+
+
+def _floats():
+    import torch
+
+    return (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_FLOATS = _floats()
 
 
 def default_rule(
@@ -169,6 +183,68 @@ def embedding_rule(rl, n, args, kwargs, out_types, out_pls):
             placements=out_pls,
         )
     ]
+
+
+def _vocab_axes(rl, pl, dim: int) -> list[int]:
+    return [a for a, p in enumerate(pl) if isinstance(p, Shard) and p.dim == dim
+            and rl.mesh.shape[a] > 1]
+
+
+def _chunk(rl, axes: list[int]) -> int:
+    """This rank's chunk index of a dim split over `axes` (axis 0 outermost)."""
+    chunk = 0
+    for a in axes:
+        chunk = chunk * rl.mesh.shape[a] + rl.coords[a]
+    return chunk
+
+
+@LOWERING_RULES.register("aten._log_softmax.default")
+def log_softmax_rule(rl, n, args, kwargs, out_types, out_pls):
+    x = args[0]
+    dim = n.args[1] % x.type.rank
+    axes = _vocab_axes(rl, rl.su.in_pl[n][0], dim)
+    if not axes:
+        return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+    t: TensorType = x.type
+    if t.dtype not in _FLOATS:
+        raise LoweringError(f"%{n.outputs[0].name}: vocab-parallel log_softmax of {t.dtype}")
+    name, group = n.outputs[0].name, _group_over(rl, axes)
+    kw = {"axis": ",".join(rl.mesh.names[a] for a in axes), "group": group}
+    row = t.with_shape(tuple(1 if d == dim else s for d, s in enumerate(t.shape)))
+    local_max = rl.add("aten.amax.default", (x, [dim], True), {}, [row], f"{name}_lmax")
+    shift = rl.add("dist.all_reduce", (local_max,), {**kw, "reduce": "max"}, [row],
+                   f"{name}_max")
+    z = rl.add("aten.sub.Tensor", (x, shift), {}, [t], f"{name}_z")
+    e = rl.add("aten.exp.default", (z,), {}, [t], f"{name}_exp")
+    local_sum = rl.add("aten.sum.dim_IntList", (e, [dim], True), {}, [row], f"{name}_lsum")
+    total = rl.add("dist.all_reduce", (local_sum,), {**kw, "reduce": "sum"}, [row],
+                   f"{name}_sum")
+    log_total = rl.add("aten.log.default", (total,), {}, [row], f"{name}_lse")
+    return [rl.add("aten.sub.Tensor", (z, log_total), {}, out_types, f"{name}_local",
+                   placements=out_pls)]
+
+
+@LOWERING_RULES.register("aten.gather.default")
+def gather_rule(rl, n, args, kwargs, out_types, out_pls):
+    x, idx = args[0], args[2]
+    dim = n.args[1] % x.type.rank
+    axes = [a for a in _vocab_axes(rl, rl.su.in_pl[n][0], dim)
+            if isinstance(out_pls[0][a], Partial)]
+    if not axes:
+        return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
+    size = x.type.shape[dim]
+    it: TensorType = idx.type
+    b8 = TensorType(it.shape, _bool(), it.device)
+    name = n.outputs[0].name
+    shifted = rl.add("aten.sub.Tensor", (idx, _chunk(rl, axes) * size), {}, [it], f"{name}_ids")
+    low = rl.add("aten.lt.Scalar", (shifted, 0), {}, [b8], f"{name}_lo")
+    high = rl.add("aten.ge.Scalar", (shifted, size), {}, [b8], f"{name}_hi")
+    outside = rl.add("aten.logical_or.default", (low, high), {}, [b8], f"{name}_out")
+    safe = rl.add("aten.masked_fill.Scalar", (shifted, outside, 0), {}, [it], f"{name}_safe")
+    picked = rl.emit_like(n, n.op, (x, n.args[1], safe) + tuple(args[3:]), kwargs, out_types,
+                          out_pls)[0]
+    return [rl.add("aten.masked_fill.Scalar", (picked, outside, 0.0), {}, out_types,
+                   f"{name}_local", placements=out_pls)]
 
 
 def _bool():

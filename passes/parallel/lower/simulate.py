@@ -160,7 +160,8 @@ def _fire_collectives(gens: dict, waiting: dict, results: dict) -> bool:
 def _collective(n: Node, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     k = len(xs)
     if n.op == "dist.all_reduce":
-        total = torch.stack(xs).sum(0)
+        stacked = torch.stack(xs)
+        total = stacked.amax(0) if n.kwargs.get("reduce") == "max" else stacked.sum(0)
         return [total.clone() for _ in xs]
     if n.op == "dist.all_gather":
         full = torch.cat(xs, n.kwargs["dim"])

@@ -228,13 +228,23 @@ def var_rule(op: OpView) -> list[AxisStrategy]:
     return _keep_dims_strategies(op, x, reduced, bool(op.node.kwargs.get("keepdim", False)))
 
 
+VOCAB_SOFTMAX = "vocab"
+
+
 @SHARDING_RULES.register(
     "aten._softmax.default", "aten._log_softmax.default", "aten.cumsum.default"
 )
 def softmax_rule(op: OpView) -> list[AxisStrategy]:
     x = op.node.args[0]
     xt = op.t(x)
-    return _keep_dims_strategies(op, x, {_norm(op.node.args[1], xt.rank)}, True)
+    dim = _norm(op.node.args[1], xt.rank)
+    out = _keep_dims_strategies(op, x, {dim}, True)
+    if op.node.op == "aten._log_softmax.default" and xt.shape[dim] != 1:
+        # vocab-parallel log-softmax (Megatron's cross-entropy): the row max and the sum of
+        # exponentials are all-reduced over the axis, so the logits stay split
+        # (lower/rules.py emits it; cost_model prices the two all-reduces)
+        out.append(op.make({x: Shard(dim)}, Shard(dim), VOCAB_SOFTMAX))
+    return out
 
 
 @SHARDING_RULES.register("aten.topk.default")

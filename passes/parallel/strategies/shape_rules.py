@@ -186,11 +186,16 @@ def index_select_rule(op: OpView) -> list[AxisStrategy]:
     rank = op.t(x).rank
     dim = _norm(op.node.args[1], rank)
     gather = op.node.op == "aten.gather.default"
-    return [
+    out = [
         op.make({x: Shard(d), idx: Shard(d) if gather else R}, Shard(d), "follow")
         for d in range(rank)
         if d != dim
     ]
+    if gather and op.t(x).shape[dim] != 1:
+        # from a vocab-split input (the log-probabilities of a vocab-parallel cross-entropy):
+        # each rank picks the indices in its range, zeros elsewhere, a partial sum
+        out.append(op.make({x: Shard(dim)}, P, "vocab"))
+    return out
 
 
 @SHARDING_RULES.register("aten.tril.default", "aten.triu.default")
