@@ -18,9 +18,9 @@ gpt-tiny's gradients by up to 4e-2 (torch 2.13; the same trace without it is exa
 joint graphs keep the ATen ops autograd records, except native_layer_norm_backward, which
 torch's own decomposition turns into reductions and elementwise ops that the Triton backend
 fuses (gradients within 2e-7 of eager's); embedding_dense_backward and the convolution and
-pooling backwards run through the registry's eager fallback. One exception: attention. torch records a
-different fused op per device (flash attention for CPU, flash/efficient/cuDNN on CUDA), so
-`route_attention` first sends every dropout-free SDPA through meshweave's own pair,
+pooling backwards run through the registry's eager fallback. Attention is rerouted: torch
+records a different fused op per device (flash attention for CPU, flash/efficient/cuDNN on
+CUDA), so `route_attention` first sends every dropout-free SDPA through meshweave's own pair,
 meshweave.attention -> (out, logsumexp) and meshweave.attention_backward (ir/ops/attention.py),
 which the Triton backend lowers to its flash-attention forward and backward kernels.
 
@@ -28,7 +28,7 @@ The trace runs the exported module through fx.Interpreter with node metadata pre
 each forward node keeps the user's source line and each backward node carries the source line
 of the forward node it differentiates. Both graphs are converted to IR, optimized by the
 compiler's pass pipeline and verified, and run by the backend: the reference executor, or
-the Triton backend's generated module (ops without a kernel, such as the layer-norm backward,
+the Triton backend's generated module (ops without a kernel, such as the embedding backward,
 run through torch inside it).
 """
 

@@ -14,14 +14,14 @@ and flash_attention_bwd.py) with the forward's masks:
 q [B, H, Sq, D], k/v [B, Hk, Sk, D] (H % Hk == 0 with enable_gqa: query head h reads K/V head
 h // (H / Hk)); mask: bool (True = attend) or additive float, broadcastable to [B, H, Sq, Sk];
 is_causal: key j visible to query i iff j <= i (torch's top-left convention). lse [B, H, Sq]
-float32 (fp64 for fp64 inputs) is log sum_j exp(scale * q_i . k_j + mask_ij) over the visible keys (-inf where no key
-is visible; those rows output 0, as the inference kernel's do). Every output is contiguous
-(the fake implementations promise it to AOTAutograd, which plans views on it). These are torch.library ops;
-their eager implementations are what the reference executor runs: on the CPU torch's own
-flash-attention kernels (what eager SDPA runs there, so gradients equal eager's), elsewhere the
-math in fp32. A float
-mask that requires grad gets its gradient (the scores' gradient, summed to its shape) from
-the math in the autograd formula.
+float32 (fp64 for fp64 inputs) is log sum_j exp(scale * q_i . k_j + mask_ij) over the visible
+keys, -inf where no key is visible: such rows output 0 in the Triton kernels and the fp32
+formulas (as the inference kernel's do), and whatever eager SDPA gives on the CPU. Every output
+is contiguous (the fake implementations promise it to AOTAutograd, which plans views on it).
+These are torch.library ops; their eager implementations are what the reference executor
+runs: on the CPU torch's own flash-attention kernels (what eager SDPA runs there, so gradients
+equal eager's), elsewhere the math in fp32. A float mask that requires grad gets its gradient
+(the scores' gradient, summed to its shape) from the math in the autograd formula.
 """
 
 import math
@@ -56,7 +56,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scores(q, k, mask, is_causal: bool, scale: float | None) -> torch.Tensor:
-    """Scaled scores (fp32; fp64 for fp64 inputs) with -inf where a key is not visible, [B, H, Sq, Sk]."""
+    """Scaled scores [B, H, Sq, Sk] (fp32; fp64 for fp64 inputs), -inf where a key is hidden."""
     s = (_acc(q) @ _acc(_heads(k, q.shape[1])).transpose(-1, -2)) * _scale(q, scale)
     sq, sk = s.shape[-2:]
     if is_causal:
