@@ -291,7 +291,8 @@ def rank_main(rank: int, world_size: int, cfg: RunConfig, compiled=None) -> dict
     """One rank: the user's training (or inference) loop over the compiled model. `compiled`
     is the parent's (inputs, cm) when the rank was forked from it; otherwise it compiles."""
     import torch
-    from meshweave.runtime.distributed.runner import rank_device, step_loss, tensor_leaves
+    from meshweave.runtime.distributed.runner import (
+        next_token_labels, rank_device, step_loss, tensor_leaves)
 
     if compiled is None:
         device = rank_device(cfg.device, rank)
@@ -308,7 +309,7 @@ def rank_main(rank: int, world_size: int, cfg: RunConfig, compiled=None) -> dict
             out["seconds"].append(time.perf_counter() - t0)
         out["outputs"] = [o.cpu() for o in outputs] if rank == 0 else None
         return out
-    labels = torch.roll(inputs[0], -1, dims=1)  # the next tokens (the last predicts token 0)
+    labels = next_token_labels(inputs[0])  # the last position predicts token 0
     cls, kwargs = cfg.optim.torch_args()
     opt = cm.zero_optimizer(cls, **kwargs) if cfg.zero else cls(cm.parameters(), **kwargs)
     losses = []
@@ -377,7 +378,6 @@ def _plan_line(cfg: RunConfig, p) -> str:
 
 
 def _report(cfg: RunConfig, model, inputs, cm, results: list[dict], check: bool) -> int:
-    import torch
     from meshweave.runtime.distributed import runner
 
     first = results[0]
@@ -395,7 +395,7 @@ def _report(cfg: RunConfig, model, inputs, cm, results: list[dict], check: bool)
         from meshweave.passes.quant import dequantized_model
 
         model = dequantized_model(model, cm.graph)
-    labels = torch.roll(inputs[0], -1, dims=1)
+    labels = runner.next_token_labels(inputs[0])
     ref = runner.single_device(model, inputs, labels, training=cfg.training, steps=cfg.steps,
                                optim=cfg.optim)
     got = runner.RunResult(first.get("outputs"), first.get("losses", []),

@@ -156,20 +156,10 @@ def embedding_rule(rl, n, args, kwargs, out_types, out_pls):
     if not vocab_axes:
         return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
     rows_axes = [a for a, p in enumerate(w_pl) if isinstance(p, Shard) and p.dim == 0]
-    chunk = 0
-    for a in rows_axes:
-        chunk = chunk * rl.mesh.shape[a] + rl.coords[a]
     w, idx = args[0], args[1]
-    rows = w.type.shape[0]
-    start = chunk * rows
     it: TensorType = idx.type
-    b8 = TensorType(it.shape, _bool(), it.device)
     name = n.outputs[0].name
-    shifted = rl.add("aten.sub.Tensor", (idx, start), {}, [it], f"{name}_ids")
-    low = rl.add("aten.lt.Scalar", (shifted, 0), {}, [b8], f"{name}_lo")
-    high = rl.add("aten.ge.Scalar", (shifted, rows), {}, [b8], f"{name}_hi")
-    outside = rl.add("aten.logical_or.default", (low, high), {}, [b8], f"{name}_out")
-    safe = rl.add("aten.masked_fill.Scalar", (shifted, outside, 0), {}, [it], f"{name}_safe")
+    safe, outside = _local_ids(rl, idx, _chunk(rl, rows_axes), w.type.shape[0], name)
     emb = rl.emit_like(n, n.op, (w, safe) + tuple(args[2:]), kwargs, out_types, out_pls)[0]
     mt = TensorType(tuple(it.shape) + (1,), _bool(), it.device)
     mask = rl.add("aten.unsqueeze.default", (outside, -1), {}, [mt], f"{name}_mask")
@@ -183,6 +173,19 @@ def embedding_rule(rl, n, args, kwargs, out_types, out_pls):
             placements=out_pls,
         )
     ]
+
+
+def _local_ids(rl, idx: Value, chunk: int, size: int, name: str) -> tuple[Value, Value]:
+    """(ids shifted into this rank's chunk of `size` rows, 0 where outside it; the outside
+    mask): the masked local lookup of a vocab-split table (embedding, gather)."""
+    it: TensorType = idx.type
+    b8 = TensorType(it.shape, _bool(), it.device)
+    shifted = rl.add("aten.sub.Tensor", (idx, chunk * size), {}, [it], f"{name}_ids")
+    low = rl.add("aten.lt.Scalar", (shifted, 0), {}, [b8], f"{name}_lo")
+    high = rl.add("aten.ge.Scalar", (shifted, size), {}, [b8], f"{name}_hi")
+    outside = rl.add("aten.logical_or.default", (low, high), {}, [b8], f"{name}_out")
+    safe = rl.add("aten.masked_fill.Scalar", (shifted, outside, 0), {}, [it], f"{name}_safe")
+    return safe, outside
 
 
 def _vocab_axes(rl, pl, dim: int) -> list[int]:
@@ -232,15 +235,8 @@ def gather_rule(rl, n, args, kwargs, out_types, out_pls):
             if isinstance(out_pls[0][a], Partial)]
     if not axes:
         return rl.emit_like(n, n.op, args, kwargs, out_types, out_pls)
-    size = x.type.shape[dim]
-    it: TensorType = idx.type
-    b8 = TensorType(it.shape, _bool(), it.device)
     name = n.outputs[0].name
-    shifted = rl.add("aten.sub.Tensor", (idx, _chunk(rl, axes) * size), {}, [it], f"{name}_ids")
-    low = rl.add("aten.lt.Scalar", (shifted, 0), {}, [b8], f"{name}_lo")
-    high = rl.add("aten.ge.Scalar", (shifted, size), {}, [b8], f"{name}_hi")
-    outside = rl.add("aten.logical_or.default", (low, high), {}, [b8], f"{name}_out")
-    safe = rl.add("aten.masked_fill.Scalar", (shifted, outside, 0), {}, [it], f"{name}_safe")
+    safe, outside = _local_ids(rl, idx, _chunk(rl, axes), x.type.shape[dim], name)
     picked = rl.emit_like(n, n.op, (x, n.args[1], safe) + tuple(args[3:]), kwargs, out_types,
                           out_pls)[0]
     return [rl.add("aten.masked_fill.Scalar", (picked, outside, 0.0), {}, out_types,
