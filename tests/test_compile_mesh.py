@@ -132,28 +132,32 @@ def test_local_batch_checks_the_plan_and_the_per_rank_shapes():
             mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))
 
 
-def test_vocab_parallel_cross_entropy_never_gathers_the_logits():
-    """A module returning its loss: on dp=2,tp=2 the planner keeps the logits vocab-split
-    through log_softmax (row max and sum of exponentials all-reduced) and the target pick
-    (a partial sum); every rank's program equals the graph (simulate_plan)."""
-    import torch.nn.functional as F
+class _WithLoss(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, y):
+        o = self.m(x)
+        return torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("mesh", [MESH, meshweave.DeviceMesh((2,), ("tp",))],
+                         ids=["dp2-tp2", "tp2"])
+def test_vocab_parallel_cross_entropy_never_gathers_the_logits(mesh):
+    """A module returning its loss: on dp=2,tp=2 and on tp=2 alone the planner keeps the
+    logits vocab-split through log_softmax (row max and sum of exponentials all-reduced) and
+    the target pick (a partial sum); every rank's program equals the graph (simulate_plan).
+    (tp=2 alone failed to plan: its strategies were enumerated at a stand-in batch the loss's
+    mean cannot be re-batched to.)"""
     from meshweave.passes.parallel.lower.rank import lower_for_rank
     from meshweave.passes.parallel.lower.simulate import simulate_plan
     from meshweave.runtime.reference import run_graph
 
-    class WithLoss(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, y):
-            o = self.m(x)
-            return F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
-
     model, (x,) = build_model("gpt-tiny", batch=4, seq=8)
     y = torch.roll(x, -1, 1)
-    cm = meshweave.compile(WithLoss(model), (x, y), options=meshweave.CompileOptions(
-        mesh=MESH, training=True))
+    cm = meshweave.compile(_WithLoss(model), (x, y), options=meshweave.CompileOptions(
+        mesh=mesh, training=True))
     softmax = next(n for n in cm.graph.nodes if n.op == "aten._log_softmax.default")
     assert cm.plan.placements[softmax.outputs[0].name][1] == "S(1)"
     vocab = softmax.outputs[0].tensor_type.shape[-1]
@@ -166,3 +170,23 @@ def test_vocab_parallel_cross_entropy_never_gathers_the_logits():
     want = run_graph(cm.graph, [x, y])[0]
     torch.testing.assert_close(simulate_plan(cm.graph, cm.plan, [x, y])[0], want,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_search_plans_a_module_returning_its_loss_whole():
+    """A device count sends a loss-returning module to the planner's search: its batch dim is
+    lost at the loss's mean, so every candidate runs the batch as one micro-batch (the search
+    used to fail re-batching it), and the chosen plan's ranks equal the graph."""
+    from meshweave.passes.parallel.lower.simulate import simulate_plan
+    from meshweave.passes.parallel.search.candidates import microbatch_options
+    from meshweave.runtime.reference import run_graph
+
+    assert microbatch_options(8, 2, 2, True) == [2, 4]
+    assert microbatch_options(8, 2, 2, True, rebatchable=False) == [1]
+    assert microbatch_options(7, 1, 2, True, rebatchable=False) == []
+    model, (x,) = build_model("gpt-tiny", batch=4, seq=8)
+    y = torch.roll(x, -1, 1)
+    cm = meshweave.compile(_WithLoss(model), (x, y), options=meshweave.CompileOptions(
+        mesh=4, training=True))
+    assert cm.plan.micro_batches == 1 and cm.plan.world_size == 4
+    torch.testing.assert_close(simulate_plan(cm.graph, cm.plan, [x, y])[0],
+                               run_graph(cm.graph, [x, y])[0], rtol=1e-5, atol=1e-6)

@@ -42,11 +42,13 @@ def test_per_rank_batches_as_ddp_takes_them():
 
 
 @pytest.mark.timeout(240)
-def test_a_module_returning_its_loss_trains_vocab_parallel():
-    """The cross-entropy inside the compiled module: under dp=2,tp=2 the log-softmax and the
-    target pick run on vocab-split logits (max and sum all-reduced), and two AdamW steps
-    equal one device's."""
-    out = _torchrun(4, "dp=2,tp=2", "--loss-in-model")
+@pytest.mark.parametrize("ranks,mesh", [(4, "dp=2,tp=2"),
+                                        pytest.param(2, "tp=2", marks=pytest.mark.heavy)])
+def test_a_module_returning_its_loss_trains_vocab_parallel(ranks, mesh):
+    """The cross-entropy inside the compiled module: under dp=2,tp=2 (and tp=2 alone) the
+    log-softmax and the target pick run on vocab-split logits (max and sum all-reduced),
+    and two AdamW steps equal one device's."""
+    out = _torchrun(ranks, mesh, "--loss-in-model")
     assert "missing []" in out, out
 
 

@@ -102,7 +102,9 @@ class MeshModel:
         self.restrict_outer = restrict_outer
         # Strategies depend on the micro-batch only through divisibility by mesh factors, so
         # they are enumerated once per canonical micro-batch and shared across sizes.
-        self.canon = canonical_batch(micro_batch, mesh.size)
+        # (a graph whose batch dim is lost, e.g. at a loss's sum, is planned at its traced
+        # batch only, so it keeps that batch here too)
+        self.canon = micro_batch if batch.lost_at else canonical_batch(micro_batch, mesh.size)
         self._strat_types = self.types if self.canon == micro_batch else None
         self._batch, self._traced_types = batch, types
         self._grad_free = grad_free_values(graph) if training else set()

@@ -134,11 +134,16 @@ def stage_meshes(
     return out
 
 
-def microbatch_options(batch: int, pp: int, dp: int, training: bool, limit: int = 8) -> list[int]:
+def microbatch_options(batch: int, pp: int, dp: int, training: bool, limit: int = 8,
+                       rebatchable: bool = True) -> list[int]:
     """Micro-batch counts B: B divides batch / dp (every device gets whole samples); with a
-    pipeline B >= pp. At most `limit`, spread geometrically, always keeping the largest."""
+    pipeline B >= pp. At most `limit`, spread geometrically, always keeping the largest.
+    A graph that cannot be re-batched (its batch dim is lost, as at a loss's mean) runs
+    whole: B = 1."""
     if batch % dp:
         return []
+    if not rebatchable:
+        return [1]
     per = batch // dp
     opts = [b for b in _divisors(per) if b >= min(pp, per)]
     if not training and pp == 1:

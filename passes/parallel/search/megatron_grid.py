@@ -189,7 +189,8 @@ def megatron_grid(
     experts = None if state.pins else state.experts
     meshes = stage_meshes(mesh_or_count, state.spec, state.n_units, max_stages, experts)
     configs = [Config(pp, mesh, b) for pp, mesh in meshes
-               for b in microbatch_options(state.batch, pp, data_degree(mesh), state.training)]
+               for b in microbatch_options(state.batch, pp, data_degree(mesh), state.training,
+                                           rebatchable=not state.ctx.batch.lost_at)]
     return evaluate_grid(state, configs, t0)
 
 

@@ -29,7 +29,8 @@ def raise_no_fit(state: PlannerState, entries: list[GridEntry]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        opts = microbatch_options(state.batch, e.config.pp, e.config.dp, state.training)
+        opts = microbatch_options(state.batch, e.config.pp, e.config.dp, state.training,
+                                  rebatchable=not state.ctx.batch.lost_at)
         cfg = Config(e.config.pp, e.config.mesh, max(opts))
         mem = _min_memory(state, cfg)
         if mem < need:
