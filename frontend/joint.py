@@ -164,6 +164,68 @@ def _boxed(graph: Graph, run_graph_fn: Callable[[list[Any]], list[Any]]) -> Call
     return run
 
 
+def backward_with_forward():
+    """AOTAutograd compiles the backward with the forward, not at the first backward(), so
+    the backward IR prints and dumps right away (torch versions that can)."""
+    from torch._functorch import config as aot_config
+
+    if hasattr(aot_config, "force_non_lazy_backward_lowering"):
+        return aot_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+class JointCompilers:
+    """AOTAutograd's forward and backward compilers: each fx graph converted to IR (`rewrite`
+    applied), optimized, kept in `graphs` and run by `make_runner(graph)`.
+
+    `targets` names the forward's first placeholders; `rename` maps AOTAutograd's placeholder
+    names to IR value names. The backward's inputs are the saved values (the forward's last
+    outputs, in order), then one gradient per differentiable output (tangents_k); the IR gives
+    the saved ones the forward's names, so the boundary reads the same on both sides. Backward
+    nodes named by `recomputed()` are marked `[recompute=True]`."""
+
+    def __init__(self, name: str, targets: list[str], rename: dict[str, str], *,
+                 eager_fallback: bool, optimize: Callable[[Graph], Graph],
+                 make_runner: Callable[[Graph], Callable[[list[Any]], list[Any]]],
+                 recomputed: Callable[[], list[str]] | None = None,
+                 rewrite: Callable[[Graph], Graph] = lambda g: g):
+        self.name, self.targets, self.rename = name, targets, rename
+        self.rename_forward = dict(rename)
+        self.eager_fallback, self.optimize, self.make_runner = eager_fallback, optimize, make_runner
+        self.recomputed, self.rewrite = recomputed, rewrite
+        self.graphs: dict[str, Graph] = {}
+
+    def _compile(self, kind: str, gm: fx.GraphModule, targets: list[str],
+                 marked: set[str] = frozenset()) -> Callable:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        names = self.rename_forward if kind == "forward" else self.rename
+        # AOTAutograd calls compilers under its fake-tensor mode; passes that evaluate (constant
+        # folding) must see real tensors.
+        with unset_fake_temporarily():
+            g = convert_module(gm, targets, eager_fallback=self.eager_fallback,
+                               name=f"{self.name}_{kind}", rename=names)
+            for n in g.nodes:
+                outs = {o.name.rsplit("_", 1)[0] if n.multi_output else o.name
+                        for o in n.outputs}
+                if outs & marked:
+                    n.attrs["recompute"] = True
+            self.graphs[kind] = g = self.optimize(self.rewrite(g))
+            return _boxed(g, self.make_runner(g))
+
+    def forward(self, gm: fx.GraphModule, _example) -> Callable:
+        return self._compile("forward", gm, self.targets)
+
+    def backward(self, gm: fx.GraphModule, _example) -> Callable:
+        inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        saved = [n for n in inputs if not n.startswith("tangents")]
+        fw = self.graphs["forward"]
+        fw.meta["num_saved"] = len(saved)
+        self.rename.update(zip(saved, [v.name for v in fw.outputs[len(fw.outputs) - len(saved):]]))
+        marked = set(self.recomputed() if self.recomputed else ())
+        return self._compile("backward", gm, [], marked)
+
+
 def build_joint(
     ep: torch.export.ExportedProgram,
     example_leaves: list[Any],
@@ -181,64 +243,25 @@ def build_joint(
     the backward reads; passes/remat/ gives one that chooses under a memory budget), and
     `recomputed()` then names the backward nodes that recompute forward values: they are
     marked `[recompute=True]` in the backward IR."""
-    from torch._functorch import config as aot_config
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     flat = _FlatOutputs(route_attention(ep.module()))
     state = [n[2:] for n, _ in flat.named_parameters(remove_duplicate=False)]
     state += [n[2:] for n, _ in flat.named_buffers(remove_duplicate=False)]
-    graphs: dict[str, Graph] = {}
     # AOTAutograd names the lifted parameters primals_1..; the IR names them after the module's
     # parameters (p_blocks_0_attn_qkv_weight), in both graphs, as torch.export does
     rename = {f"primals_{i + 1}": "p_" + fqn.replace(".", "_") for i, fqn in enumerate(state)}
-    rename_forward = dict(rename)
-
-    def compile_graph(kind: str, gm: fx.GraphModule, targets: list[str],
-                      marked: set[str] = frozenset()) -> Callable:
-        names = rename_forward if kind == "forward" else rename
-        # AOTAutograd calls compilers under its fake-tensor mode; passes that evaluate (constant
-        # folding) must see real tensors.
-        with unset_fake_temporarily():
-            g = convert_module(gm, targets, eager_fallback=eager_fallback, name=f"{name}_{kind}",
-                               rename=names)
-            for n in g.nodes:
-                names = {o.name.rsplit("_", 1)[0] if n.multi_output else o.name
-                         for o in n.outputs}
-                if names & marked:
-                    n.attrs["recompute"] = True
-            graphs[kind] = g = optimize(g)
-            return _boxed(g, make_runner(g))
-
-    def compile_forward(gm: fx.GraphModule, _example) -> Callable:
-        return compile_graph("forward", gm, state)
-
-    def compile_backward(gm: fx.GraphModule, _example) -> Callable:
-        # The backward's inputs are the saved values (the forward's last outputs, in order),
-        # then one gradient per differentiable output (tangents_k); the IR gives the saved ones
-        # the forward's names, so the boundary reads the same on both sides.
-        inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        saved = [n for n in inputs if not n.startswith("tangents")]
-        fw = graphs["forward"]
-        fw.meta["num_saved"] = len(saved)
-        names = [v.name for v in fw.outputs[len(fw.outputs) - len(saved):]]
-        rename.update(zip(saved, names))
-        marked = set(recomputed() if recomputed else ())
-        return compile_graph("backward", gm, [], marked)
-
+    compilers = JointCompilers(name, state, rename, eager_fallback=eager_fallback,
+                               optimize=optimize, make_runner=make_runner, recomputed=recomputed)
+    graphs = compilers.graphs
     try:
-        # the backward is compiled now, not at the first backward(), so cm.backward_graph
-        # prints and dumps right after compile()
-        lowering = (aot_config.patch(force_non_lazy_backward_lowering=True)
-                    if hasattr(aot_config, "force_non_lazy_backward_lowering")
-                    else contextlib.nullcontext())
-        with fx_traceback.preserve_node_meta(), lowering:
+        with fx_traceback.preserve_node_meta(), backward_with_forward():
             fn = aot_module_simplified(
                 flat,
                 list(example_leaves),
-                fw_compiler=compile_forward,
-                bw_compiler=compile_backward,
+                fw_compiler=compilers.forward,
+                bw_compiler=compilers.backward,
                 partition_fn=partition or default_partition,
                 decompositions=BACKWARD_DECOMPOSITIONS,
             )

@@ -240,7 +240,7 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
     kw = {"make_runner": _triton_runner(options)} if cm.backend == "triton" else {}
     cm.remat = remat = {}
-    kw["partition"] = _remat_partition(options, remat, _leaf_device(leaves))
+    kw["partition"] = remat_partition_for(options, remat, _leaf_device(leaves))
     kw["recomputed"] = lambda: remat.get("recomputed", [])
     cm.joint = build_joint(ep, leaves, cm.model_name, eager_fallback=options.eager_fallback,
                            optimize=optimize, **kw)
@@ -253,8 +253,9 @@ def _leaf_device(leaves) -> str:
     return "cpu"
 
 
-def _remat_partition(options, report, device: str = "cpu"):
-    """The rematerialization pass (passes/remat/) as the joint graph's partition function.
+def remat_partition_for(options, report, device: str = "cpu"):
+    """The rematerialization pass (passes/remat/) as the joint graph's partition function
+    (the model's, or under mesh= each rank's: the budget is then the rank's own).
     Recompute is priced on options.hardware, or on the device the step runs on: the "cpu"
     preset for CPU tensors (where a matmul is compute-bound at sizes an H100 would find
     memory-bound), h100 otherwise."""

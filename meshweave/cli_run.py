@@ -326,6 +326,7 @@ def rank_main(rank: int, world_size: int, cfg: RunConfig, compiled=None) -> dict
     out["optim_state_numel"] = sum(t.numel() for st in local.state.values()
                                    for t in st.values() if torch.is_tensor(t) and t.dim())
     out["param_numel"] = sum(p.numel() for p in cm.parameters())
+    out["backward_kind"] = cm.backward_kind
     if rank == 0:
         out["losses"], out["params"] = losses, {k: v.cpu() for k, v in state.items()}
     return out
@@ -389,6 +390,7 @@ def _report(cfg: RunConfig, model, inputs, cm, results: list[dict], check: bool)
         print(f"rank 0: {first['param_numel']} parameter elements, optimizer state "
               f"{first['optim_state_numel']} elements"
               f"{' (ZeRO-1 over dp)' if cfg.zero else ''}")
+        print(f"rank 0 backward: {first['backward_kind']}")
     if not check:
         return 0
     if "quant" in cm.graph.meta:  # what the quantized graph computes: the dequantized weights

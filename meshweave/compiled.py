@@ -100,8 +100,16 @@ class CompiledModel:
             tensors = [*(x for x in leaves if isinstance(x, torch.Tensor)),
                        *self.graph.tensors.values()]
             device = next((t.device for t in tensors if t.device.type == "cuda"), "cpu")
+            kw = {}
+            if self.options.training and self.options.memory_budget is not None:
+                from meshweave.api import remat_partition_for
+
+                self.remat = report = {}  # this rank's partition under the budget
+                kw["partition"] = remat_partition_for(self.options, report,
+                                                      getattr(device, "type", device))
+                kw["recomputed"] = lambda: report.get("recomputed", [])
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,
-                                    device=device, local_batch=self.options.local_batch)
+                                    device=device, local_batch=self.options.local_batch, **kw)
         return self._rank
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
@@ -181,13 +189,31 @@ class CompiledModel:
 
     @property
     def forward_graph(self):
-        """Training: the forward IR (user outputs, then the values saved for backward)."""
-        return self.joint.forward if self.joint is not None else None
+        """Training: the forward IR (user outputs, then the values saved for backward). Under
+        mesh= in a process group: this rank's, once its first training call traced it."""
+        mine = self._rank_graph("forward")
+        if mine is not None or self.joint is None:
+            return mine
+        return self.joint.forward
 
     @property
     def backward_graph(self):
-        """Training: the backward IR (saved values and output gradients -> input gradients)."""
-        return self.joint.backward if self.joint is not None else None
+        """Training: the backward IR (saved values and output gradients -> input gradients).
+        Under mesh=: this rank's, the adjoints of its collectives included (rank_joint.py)."""
+        mine = self._rank_graph("backward")
+        if mine is not None or self.joint is None:
+            return mine
+        return self.joint.backward
+
+    def _rank_graph(self, kind: str):
+        joint = getattr(self._rank, "joint", None)
+        return joint.graphs.get(kind) if joint is not None else None
+
+    @property
+    def backward_kind(self) -> str | None:
+        """Under mesh= with training: what runs this rank's backward, the rank's backward IR
+        or (for programs with stage transfers inside) torch autograd, with the reason."""
+        return getattr(self._rank, "backward_kind", None)
 
     def memory_stats(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One training step on (args, kwargs), measured beside the estimates: the bytes kept

@@ -50,6 +50,7 @@ def test_a_module_returning_its_loss_trains_vocab_parallel(ranks, mesh):
     and two AdamW steps equal one device's."""
     out = _torchrun(ranks, mesh, "--loss-in-model")
     assert "missing []" in out, out
+    assert "backward: meshweave IR" in out, out  # the rank's backward IR ran (rank_joint.py)
 
 
 @pytest.mark.timeout(240)
@@ -74,3 +75,4 @@ def test_four_ranks_dp2_tp2_hold_half_the_parameters():
 def test_four_ranks_pp2_tp2_with_two_micro_batches():
     out = _torchrun(4, "pp=2,tp=2", "--micro-batches", "2")
     assert "plan: 2 stage(s) x mesh 1x2, 2 micro-batch(es)" in out, out
+    assert "backward: torch autograd over the forward program: it transfers" in out, out

@@ -130,6 +130,10 @@ def main() -> int:
         print(f"rank 0 holds {sum(p.numel() for p in cm.parameters())} of "
               f"{sum(p.numel() for p in reference.parameters())} parameter elements, "
               f"optimizer state {state_numel} elements")
+        bw = cm.backward_graph
+        print(f"backward: {cm.backward_kind}; "
+              f"{sum(n.op.startswith('dist.') for n in bw.nodes) if bw else 0} collectives in "
+              f"the backward IR")
         print(f"losses {got} vs one device {want}")
         print(f"max |error| loss {loss_err:.3e}, parameters {param_err:.3e}; missing {missing}")
     dist.destroy_process_group()

@@ -36,6 +36,8 @@ _VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "ex
              "select", "unsqueeze", "squeeze", "alias", "as_strided", "detach", "split",
              "unbind", "view_as", "_reshape_alias", "split_with_sizes", "chunk", "unflatten"}
 _COLLECTIVE_NAMESPACES = {"_c10d_functional", "c10d_functional", "c10d"}
+# a rank's traced collectives (runtime/distributed/rank_joint.py)
+_MESHWEAVE_COLLECTIVES = {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
 
 
 @dataclasses.dataclass
@@ -103,7 +105,8 @@ def _recomputable(n: fx.Node) -> bool:
             return False
         if torch.Tag.nondeterministic_seeded in t.tags and not _no_dropout(n):
             return False
-        if t.namespace in _COLLECTIVE_NAMESPACES:
+        if t.namespace in _COLLECTIVE_NAMESPACES or (
+                t.namespace == "meshweave" and _packet(n) in _MESHWEAVE_COLLECTIVES):
             return False
         return True
     return t is operator.getitem

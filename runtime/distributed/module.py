@@ -12,6 +12,13 @@ this rank's input shards, the stage runs each micro-batch forward, and the last 
 are replicated with differentiable collectives and sent to the other stages' ranks, so every
 rank returns the full outputs.
 
+The rank's backward is meshweave IR (rank_joint.py): at the first training call the program
+is traced by AOTAutograd with its collectives as traceable ops whose gradients are their
+exact adjoints, and the partitioned forward and backward graphs (`cm.forward_graph`,
+`cm.backward_graph`, collectives as dist.* nodes) run on the reference executor. Programs with
+stage transfers inside (pipelines) or ops that communicate inside (expert-parallel MoE) keep
+torch autograd over the forward program; `backward_kind` says which runs, and why.
+
 Gradients (the default convention): every rank computes the same loss from the full outputs
 and calls backward(). The collectives' backwards are exact adjoints (autograd_collectives.py),
 which sum over the ranks holding a copy, so the outputs' gradient is divided by the number of
@@ -54,6 +61,7 @@ from . import autograd_collectives as ac
 from .errors import DistributedError
 from .executor import RankExecutor
 from .program import tied_params
+from .rank_joint import JointTraceError
 from .shards import assemble_from_specs
 
 _MB_TAG_STRIDE = 1024  # tag offset between micro-batches (plan transfer tags are far smaller)
@@ -63,7 +71,9 @@ class RankModule:
     """One rank's program of `plan` for `graph`, differentiable when `training`."""
 
     def __init__(self, graph: Graph, plan, *, training: bool, device: str | torch.device,
-                 local_batch: bool = False):
+                 local_batch: bool = False, partition=None, recomputed=None):
+        """`partition`/`recomputed`: the rank joint's partition (passes/remat/ under
+        CompileOptions.memory_budget) and the names it recomputes (rank_joint.py)."""
         from ...passes.parallel.lower.rank import lower_for_rank
         from .groups import init_plan_groups
         from .program import program_from_lowered, tie_rank_groups
@@ -88,7 +98,36 @@ class RankModule:
                                ties=ties)
         self.training = training
         self.pending: dict | None = None  # during a backward: the gradients from before it
+        self.joint, self.backward_kind = None, None
+        if training:
+            self._build_joint(partition, recomputed)
         self.targets = {v.name: v.target for v in graph.inputs if v.kind == "param"}
+
+    def _build_joint(self, partition, recomputed) -> None:
+        """The rank's forward and backward as IR (rank_joint.py), where the program allows."""
+        from ...frontend.joint import reference_runner
+        from .rank_joint import build_rank_joint, untraceable
+
+        why = untraceable(self.program.graph)
+        if why is not None:
+            self.backward_kind = f"torch autograd over the forward program: {why}"
+            return
+        self.joint = build_rank_joint(self.program.graph, self.ex.tensors,
+                                      optimize=_rank_passes, make_runner=reference_runner,
+                                      partition=partition, recomputed=recomputed)
+        self.backward_kind = "meshweave IR (the rank's joint graph)"
+
+    def _run(self, args: list[torch.Tensor], mb: int, grad: bool) -> list[Any]:
+        """One micro-batch of the program: the joint's differentiable forward when training
+        (its backward is the backward IR), else the forward-only program."""
+        if grad and self.joint is not None:
+            self.ex._inline_roots = []
+            try:
+                return list(self.joint.fn(*args))
+            except JointTraceError as e:  # tracing communicates nothing: every rank falls back
+                self.joint = None
+                self.backward_kind = f"torch autograd over the forward program: {e}"
+        return self.ex.run_program(args, mb)
 
     # ------------------------------------------------------------------ calling
     def __call__(self, leaves: list[Any]) -> list[torch.Tensor]:
@@ -103,7 +142,7 @@ class RankModule:
         try:
             for mb in range(self.plan.micro_batches):
                 ex.p2p.tag_offset = mb * _MB_TAG_STRIDE
-                outs = ex.run_program(ex._stage_inputs(leaves, mb), mb)
+                outs = self._run(ex._stage_inputs(leaves, mb), mb, grad)
                 roots += ex._inline_roots
                 n_model = self.program.num_outputs
                 for t, x in zip(self.program.sends, outs[n_model:]):
@@ -288,6 +327,15 @@ class _Boundary(torch.autograd.Function):
         else:
             outs = [None if g is None else g / ctx.copies for g in grads]
         return (None, None, None, *roots, *outs)
+
+
+def _rank_passes(graph: Graph) -> Graph:
+    """The passes a rank's joint graphs take: shape propagation, verified after it (no CSE or
+    DCE: a collective one rank merges or drops would leave the others waiting)."""
+    from ...passes.pipeline import Pass, run_pipeline
+    from ...passes.shape_prop import shape_prop
+
+    return run_pipeline(graph, [Pass("shape_prop", shape_prop)])
 
 
 def _rank0_plan(plan):

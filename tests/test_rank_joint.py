@@ -1,0 +1,153 @@
+"""A rank's training step as IR under compile(mesh=...) (runtime/distributed/rank_joint.py): the
+traced collectives are the exact adjoints of the executor's, the backward IR holds those
+adjoints with the forward's source lines, and its gradients equal one device's."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from meshweave.ir.graph import Node, Value
+from meshweave.models import build_model
+from meshweave.passes.parallel.lower.rank import lower_for_rank
+from meshweave.runtime.distributed import DistributedError
+from meshweave.runtime.distributed import autograd_collectives as ac
+from meshweave.runtime.distributed.launch import launch
+from meshweave.runtime.distributed.rank_joint import TRACED, untraceable
+
+import meshweave
+
+CASES = [  # IR op, its keywords, the executor's differentiable version
+    ("dist.all_reduce", {"reduce": "sum"}, lambda x, g: ac.all_reduce(x, g)),
+    ("dist.all_gather", {"dim": 1}, lambda x, g: ac.all_gather(x, 1, g)),
+    ("dist.reduce_scatter", {"dim": 0, "reduce": "sum"}, lambda x, g: ac.reduce_scatter(x, 0, g)),
+    ("dist.all_to_all", {"dim": 0, "concat_dim": 1}, lambda x, g: ac.all_to_all(x, 0, 1, g)),
+]
+
+
+def _adjoints(rank, world):
+    from meshweave.runtime.distributed.groups import init_groups
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    init_groups(2, [[0, 1]])
+    out = []
+    for op, kw, reference in CASES:
+        gen = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(4, 6, generator=gen, requires_grad=True)
+        kw = {**kw, "group": [0, 1], "axis": "tp"}
+        y = TRACED[op](x, kw)
+        w = torch.randn(y.shape, generator=gen)
+        (gx,) = torch.autograd.grad((y * w).sum(), x)
+        x2 = x.detach().clone().requires_grad_(True)
+        y2 = reference(x2, [0, 1])
+        (gx2,) = torch.autograd.grad((y2 * w).sum(), x2)
+        mode = FakeTensorMode()
+        fake_x = mode.from_tensor(x.detach())
+        with mode:  # tracing communicates nothing: shapes from fakes
+            fake = TRACED[op](fake_x, kw)
+        out.append((op, float((y - y2).abs().max()), float((gx - gx2).abs().max()),
+                    tuple(fake.shape) == tuple(y.shape)))
+    return out
+
+
+def test_traced_collectives_are_the_executors_exact_adjoints():
+    """On 2 gloo ranks: each traceable collective's value and gradient equal the executor's
+    autograd collectives (autograd_collectives.py), and its fake gives the real shape."""
+    for rank_result in launch(_adjoints, 2, timeout_s=60):
+        for op, err, grad_err, shape_ok in rank_result:
+            assert err == 0 and grad_err < 1e-6 and shape_ok, (op, err, grad_err, shape_ok)
+
+
+def _train_tp(rank, world, cm, x, want_loss, want_grads):
+    out = cm(x)
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
+    loss.backward()
+    grads = {n: float((p.grad - want_grads[n]).abs().max())
+             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape}
+    count = collections.Counter
+    ops = {k: count(n.op for n in g.nodes if n.op.startswith("dist."))
+           for k, g in (("forward", cm.forward_graph), ("backward", cm.backward_graph))}
+    sources = sum(bool(n.source) for n in cm.backward_graph.nodes) / len(cm.backward_graph.nodes)
+    return cm.backward_kind, float(loss) - want_loss, grads, ops, sources
+
+
+def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
+    """tp=2 on gpt-tiny: each rank's backward is IR in which every forward all-reduce has its
+    all-reduce and the logits' all-gather its reduce-scatter; most backward nodes carry a
+    source line; the loss and the replicated parameters' gradients equal one device's."""
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
+    ref.load_state_dict(model.state_dict())
+    out = ref(x)
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
+    loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True))
+    for kind, loss_err, grads, ops, sources in launch(_train_tp, 2,
+                                                     (cm, x, float(loss.detach()), want), timeout_s=120):
+        assert kind.startswith("meshweave IR"), kind
+        assert abs(loss_err) < 1e-5 and grads and max(grads.values()) < 1e-5, (loss_err, grads)
+        fw, bw = ops["forward"], ops["backward"]
+        assert fw["dist.all_reduce"] >= 4 and bw["dist.all_reduce"] == fw["dist.all_reduce"], ops
+        assert bw["dist.reduce_scatter"] == fw["dist.all_gather"] == 1, ops
+        assert sources > 0.8, sources
+
+
+def _train_budget(rank, world, cm, x, want_grads):
+    out = cm(x)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    sol = cm.remat["solution"]
+    grads = [float((p.grad - want_grads[n]).abs().max())
+             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape]
+    marked = sum(bool(n.attrs.get("recompute")) for n in cm.backward_graph.nodes)
+    collectives_recomputed = [n for n in cm.backward_graph.nodes
+                              if n.attrs.get("recompute") and n.op.startswith("dist.")]
+    return sol.saved_bytes, sol.full_bytes, len(sol.recomputed), marked, max(grads), \
+        collectives_recomputed
+
+
+def test_a_memory_budget_under_a_mesh_is_each_ranks_own():
+    """memory_budget=0.4 with tp=2: passes/remat/ partitions each rank's joint graph under 40%
+    of the rank's own saved bytes, the recomputed nodes are marked in the rank's backward IR
+    (collectives never recomputed), and the gradients still equal one device's."""
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
+    ref.load_state_dict(model.state_dict())
+    out = ref(x)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True, memory_budget=0.4))
+    for saved, full, recomputed, marked, grad_err, bad in launch(
+            _train_budget, 2, (cm, x, want), timeout_s=120):
+        assert saved <= 0.4 * full + 1 and recomputed > 0 and marked > 0, \
+            (saved, full, recomputed, marked)
+        assert grad_err < 1e-5 and not bad, (grad_err, bad)
+
+
+def test_programs_with_transfers_inside_keep_torch_autograd_and_say_why():
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2, 2), ("pp", "tp")), training=True))
+    assert "dist.send" in untraceable(lower_for_rank(cm.graph, cm.plan, 0))
+    tp = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True))
+    g = lower_for_rank(tp.graph, tp.plan, 0)
+    assert untraceable(g) is None
+    reduce = next(n for n in g.nodes if n.op == "dist.all_reduce")
+    dangling = Node("dist.all_reduce", (reduce.inputs[0],), dict(reduce.kwargs), ())
+    dangling.outputs = (Value("unread", reduce.outputs[0].type, dangling),)
+    g.nodes.insert(g.nodes.index(reduce) + 1, dangling)
+    assert "%unread is never read" in untraceable(g)
+
+
+@pytest.mark.parametrize("op,kw,match", [
+    ("dist.all_reduce", {"reduce": "min"}, "reduce must be 'sum' or 'max', got 'min'"),
+    ("dist.reduce_scatter", {"dim": 0, "reduce": "max"}, "only 'sum', got 'max'"),
+])
+def test_a_collective_with_an_unknown_reduction_is_refused(op, kw, match):
+    with pytest.raises(DistributedError, match=match):
+        TRACED[op](torch.ones(2, 2), {**kw, "group": [0, 1], "axis": "tp"})
