@@ -15,7 +15,7 @@ from meshweave.passes.parallel.lower.rank import lower_for_rank
 from meshweave.runtime.distributed import DistributedError
 from meshweave.runtime.distributed import autograd_collectives as ac
 from meshweave.runtime.distributed.launch import launch
-from meshweave.runtime.distributed.rank_joint import TRACED, untraceable
+from meshweave.runtime.distributed.rank_joint import TRACED, transfers_outside, untraceable
 
 import meshweave
 
@@ -128,11 +128,25 @@ def test_a_memory_budget_under_a_mesh_is_each_ranks_own():
         assert grad_err < 1e-5 and not bad, (grad_err, bad)
 
 
-def test_programs_with_transfers_inside_keep_torch_autograd_and_say_why():
+def test_stage_transfers_move_outside_and_a_receive_after_a_send_keeps_autograd():
+    """pp=2,tp=2: stage 0's send becomes a trailing output and stage 1's receive a trailing
+    input of the traced program; a program receiving after it sent (a transfer inside its
+    stage) or with a collective nobody reads keeps torch autograd, and says why."""
     model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
     cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2, 2), ("pp", "tp")), training=True))
-    assert "dist.send" in untraceable(lower_for_rank(cm.graph, cm.plan, 0))
+    first, last = lower_for_rank(cm.graph, cm.plan, 0), lower_for_rank(cm.graph, cm.plan, 2)
+    assert untraceable(first) is None and untraceable(last) is None
+    g, recvs, sends = transfers_outside(first)
+    assert not recvs and sends and sends[0]["dst"] == 2
+    assert len(g.outputs) == len(first.outputs) + len(sends)
+    assert not any(n.op.startswith("dist.s") for n in g.nodes)
+    g, recvs, sends = transfers_outside(last)
+    assert recvs and recvs[0]["src"] == 0 and not sends
+    assert g.user_inputs[-len(recvs):] and g.user_inputs[-1].producer is None
+    recv = next(n for n in last.nodes if n.op == "dist.recv")
+    first.nodes.append(recv)
+    assert "receives a value after sending one" in untraceable(first)
     tp = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True))
     g = lower_for_rank(tp.graph, tp.plan, 0)

@@ -120,14 +120,25 @@ class RankModule:
     def _run(self, args: list[torch.Tensor], mb: int, grad: bool) -> list[Any]:
         """One micro-batch of the program: the joint's differentiable forward when training
         (its backward is the backward IR), else the forward-only program."""
-        if grad and self.joint is not None:
-            self.ex._inline_roots = []
+        ex, joint = self.ex, self.joint
+        if grad and joint is not None:
+            ex._inline_roots = []
+            got = [_receive(ex, kw, mb) for kw in joint.recvs]
             try:
-                return list(self.joint.fn(*args))
+                outs = list(joint.fn(*args, *got))
             except JointTraceError as e:  # tracing communicates nothing: every rank falls back
+                if joint.recvs:  # the values are received: no rank may fall back after that
+                    raise
                 self.joint = None
                 self.backward_kind = f"torch autograd over the forward program: {e}"
-        return self.ex.run_program(args, mb)
+            else:
+                n = len(outs) - len(joint.sends)
+                for x, kw in zip(outs[n:], joint.sends):
+                    root = ex.p2p.send(x, kw["dst"], kw.get("tag", 0), True)
+                    if root is not None:
+                        ex._inline_roots.append(root)
+                return outs[:n]
+        return ex.run_program(args, mb)
 
     # ------------------------------------------------------------------ calling
     def __call__(self, leaves: list[Any]) -> list[torch.Tensor]:
@@ -327,6 +338,17 @@ class _Boundary(torch.autograd.Function):
         else:
             outs = [None if g is None else g / ctx.copies for g in grads]
         return (None, None, None, *roots, *outs)
+
+
+def _receive(ex: RankExecutor, kw: dict, mb: int) -> torch.Tensor:
+    """A dist.recv the rank joint takes as an input: received before the traced step, its
+    backward sending the gradient back (autograd_collectives.P2P)."""
+    from ...ir.types import dtype_from_short
+
+    dtype = kw["dtype"] if isinstance(kw["dtype"], torch.dtype) else dtype_from_short(
+        str(kw["dtype"]))
+    return ex.p2p.receive(kw["shape"], dtype, ex.device, kw["src"], kw.get("tag", 0), True,
+                          key=mb)
 
 
 def _rank_passes(graph: Graph) -> Graph:

@@ -157,6 +157,8 @@ TRACED: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {
         x, kw["dim"], kw["concat_dim"], list(kw["group"]), kw.get("axis") or ""),
 }
 
+_TRANSFERS = ("dist.recv", "dist.send")  # made the traced program's inputs and outputs
+
 # traced torch op (as the converter names it) -> (IR op, keyword names after the tensor)
 _BACK_TO_IR: dict[str, tuple[str, tuple[str, ...]]] = {
     "meshweave.all_reduce.default": ("dist.all_reduce", ("group", "reduce", "axis")),
@@ -171,10 +173,12 @@ def untraceable(graph: Graph) -> str | None:
     from .executor import DIST_OPS
 
     used = {v for n in graph.nodes for v in n.inputs} | set(graph.outputs)
+    ops = [n.op for n in graph.nodes]
+    if "dist.recv" in ops and "dist.send" in ops and \
+            len(ops) - ops[::-1].index("dist.recv") > ops.index("dist.send"):
+        return "it receives a value after sending one (a transfer inside its stage)"
     for n in graph.nodes:
-        if n.op in ("dist.send", "dist.recv"):
-            return f"it transfers values between stages inside the program ({n.op})"
-        if (n.op in DIST_OPS or "group" in n.kwargs) and n.op not in TRACED:
+        if (n.op in DIST_OPS or "group" in n.kwargs) and n.op not in (*TRACED, *_TRANSFERS):
             return f"{n.op} communicates and has no traceable form"
         if n.op in TRACED and n.outputs[0] not in used:
             return f"the result of collective %{n.outputs[0].name} is never read on this rank"
@@ -185,7 +189,9 @@ def untraceable(graph: Graph) -> str | None:
 @dataclasses.dataclass
 class RankJoint:
     graphs: dict[str, Graph]
-    fn: Callable[..., Any]  # (*user inputs) -> outputs, differentiable
+    fn: Callable[..., Any]  # (*user inputs, *received) -> outputs, then sent values
+    recvs: list[dict] = dataclasses.field(default_factory=list)  # dist.recv keywords, in order
+    sends: list[dict] = dataclasses.field(default_factory=list)  # dist.send keywords, in order
 
     @property
     def forward(self) -> Graph:
@@ -208,6 +214,28 @@ def _meta_node(source: str) -> fx.Node:
 
 
 _META_GRAPH = fx.Graph()
+
+
+def transfers_outside(graph: Graph) -> tuple[Graph, list[dict], list[dict]]:
+    """`graph` with its stage transfers outside: each dist.recv's value a trailing user input
+    (the caller receives it first), each dist.send's input a trailing output (the caller sends
+    it after), so a pipeline stage's program is traced like any other. Safe when every receive
+    precedes every send (`untraceable` checks): the order of the transfers is unchanged."""
+    g = graph.copy()
+    recvs, sends, nodes = [], [], []
+    for n in g.nodes:
+        if n.op == "dist.recv":
+            v = n.outputs[0]
+            v.producer, v.kind, v.target = None, "user", v.name
+            g.inputs.append(v)
+            recvs.append(dict(n.kwargs))
+        elif n.op == "dist.send":
+            g.outputs.append(n.args[0])
+            sends.append(dict(n.kwargs))
+        else:
+            nodes.append(n)
+    g.nodes = nodes
+    return g, recvs, sends
 
 
 def _program_fn(graph: Graph) -> Callable[..., tuple]:
@@ -267,6 +295,7 @@ def build_rank_joint(
 
     from ...frontend.joint import BACKWARD_DECOMPOSITIONS, JointCompilers, backward_with_forward
 
+    graph, recvs, sends = transfers_outside(graph)
     state = graph.state_inputs
     inputs = list(state) + list(graph.user_inputs)
     rename = {f"primals_{i + 1}": v.name for i, v in enumerate(inputs)}
@@ -292,4 +321,4 @@ def build_rank_joint(
             raise JointTraceError(f"AOTAutograd could not trace {graph.name}: "
                                   f"{type(e).__name__}: {str(e)[:300]}") from e
 
-    return RankJoint(graphs, fn)
+    return RankJoint(graphs, fn, recvs, sends)
