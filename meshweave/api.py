@@ -253,9 +253,10 @@ def _leaf_device(leaves) -> str:
     return "cpu"
 
 
-def remat_partition_for(options, report, device: str = "cpu"):
+def remat_partition_for(options, report, device: str = "cpu", budget=None):
     """The rematerialization pass (passes/remat/) as the joint graph's partition function
-    (the model's, or under mesh= each rank's: the budget is then the rank's own).
+    (the model's, or under mesh= each rank's: the budget is then the rank's own; `budget`, a
+    MemoryBudget, overrides options.memory_budget, as a plan stage's does).
     Recompute is priced on options.hardware, or on the device the step runs on: the "cpu"
     preset for CPU tensors (where a matmul is compute-bound at sizes an H100 would find
     memory-bound), h100 otherwise."""
@@ -263,7 +264,8 @@ def remat_partition_for(options, report, device: str = "cpu"):
     from meshweave.passes.remat.budget import MemoryBudget
     from meshweave.passes.remat.partition import remat_partition
 
-    budget = None if options.memory_budget is None else MemoryBudget.parse(options.memory_budget)
+    if budget is None and options.memory_budget is not None:
+        budget = MemoryBudget.parse(options.memory_budget)
     hardware = options.hardware or ("cpu" if device == "cpu" else "h100")
     return remat_partition(budget, get_spec(hardware), report)
 

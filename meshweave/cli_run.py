@@ -81,6 +81,10 @@ def _setup(p) -> None:
         default="cpu",
         help="cpu: gloo ranks (default); cuda: NCCL, one GPU per rank",
     )
+    p.add_argument("--memory-budget", default=None, metavar="B",
+                   help="with --train: each rank's rematerialization budget, a fraction of its "
+                        "saved activation bytes (0.5) or a size (64MiB); default: the plan "
+                        "stage's (StagePlan.memory_budget), else save everything")
     p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.1, adam 1e-3)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
@@ -167,6 +171,8 @@ class RunConfig:
     timeout_s: float
     quantize: Any = None
     calibration: tuple | None = None
+    memory_budget: Any = None  # CompileOptions.memory_budget: each rank's remat budget
+    check: bool = False  # --check: each rank also measures its step's memory
 
     @property
     def world_size(self) -> int:
@@ -210,8 +216,28 @@ def _run(args) -> int:
     cfg = RunConfig(args.model, kind, mesh, args.plan_value, args.train, args.steps, args.batch,
                     args.seq, args.num_layers, args.micro_batches, args.spec,
                     OptimConfig(args.optim, lr=lr), args.zero, args.device, args.timeout,
-                    **_quant_fields(args))
+                    **_quant_fields(args), memory_budget=_memory_budget(args),
+                    check=args.check)
     return _run_torchrun(cfg, args.check) if under_torchrun() else _run_local(cfg, args.check)
+
+
+def _memory_budget(args):
+    """--memory-budget as CompileOptions takes it: a fraction, or a size string."""
+    from meshweave.passes.remat.budget import MemoryBudget, RematError
+
+    if args.memory_budget is None:
+        return None
+    if not args.train:
+        raise CLIError("--memory-budget chooses what the backward recomputes: it needs --train")
+    try:
+        value = float(args.memory_budget)
+    except ValueError:
+        value = args.memory_budget
+    try:
+        MemoryBudget.parse(value)
+    except RematError as e:
+        raise CLIError(str(e).replace("memory_budget=", "--memory-budget ")) from None
+    return value
 
 
 def megatron_mesh(dp: int, ep: int | None, tp: int, pp: int):
@@ -266,7 +292,7 @@ def compile_for(cfg: RunConfig, device: str = "cpu"):
     original = copy.deepcopy(model)
     options = meshweave.CompileOptions(
         mesh=cfg.mesh, plan=cfg.plan, training=cfg.training, micro_batches=cfg.micro_batches,
-        hardware=cfg.hardware, quantize=cfg.quantize,
+        hardware=cfg.hardware, quantize=cfg.quantize, memory_budget=cfg.memory_budget,
         calibration=list(cfg.calibration) if cfg.calibration else None)
     with torch.set_grad_enabled(cfg.training):
         cm = meshweave.compile(model, tuple(inputs), options=options)
@@ -330,6 +356,13 @@ def rank_main(rank: int, world_size: int, cfg: RunConfig, compiled=None) -> dict
                                    for t in st.values() if torch.is_tensor(t) and t.dim())
     out["param_numel"] = sum(p.numel() for p in cm.parameters())
     out["backward_kind"] = cm.backward_kind
+    if cfg.check:  # every rank measures its own step (a collective)
+        from meshweave.ir.errors import MeshweaveError
+
+        try:
+            out["memory"] = cm.memory_stats(*inputs)
+        except MeshweaveError as e:
+            out["memory"] = str(e)
     if rank == 0:
         out["losses"], out["params"] = losses, {k: v.cpu() for k, v in state.items()}
     return out
@@ -373,6 +406,22 @@ def _backend(cfg: RunConfig) -> str:
     return "nccl" if cfg.device == "cuda" else "gloo"
 
 
+def memory_line(rank: int, m) -> str:
+    """A rank's step memory, estimated beside measured (cm.memory_stats under a mesh)."""
+    if isinstance(m, str):
+        return f"rank {rank} memory: not measured ({m})"
+
+    def kib(n):
+        return "?" if n is None else f"{n / 1024:.1f} KiB"
+
+    ratio = (f" ({m['peak_bytes_measured'] / m['peak_bytes_estimated']:.2f}x)"
+             if m["peak_bytes_measured"] and m["peak_bytes_estimated"] else "")
+    budget = f", budget {m['budget']}" if m.get("budget") else ""
+    return (f"rank {rank} memory{budget}: saved {kib(m['saved_bytes_estimated'])} estimated, "
+            f"{kib(m['saved_bytes_measured'])} measured; peak {kib(m['peak_bytes_estimated'])} "
+            f"estimated, {kib(m['peak_bytes_measured'])} measured{ratio}")
+
+
 def _plan_line(cfg: RunConfig, p) -> str:
     return (
         f"plan ({cfg.kind}): {p.num_stages} stage(s) x {p.meshes_text()} "
@@ -394,6 +443,9 @@ def _report(cfg: RunConfig, model, inputs, cm, results: list[dict], check: bool)
               f"{first['optim_state_numel']} elements"
               f"{' (ZeRO-1 over dp)' if cfg.zero else ''}")
         print(f"rank 0 backward: {first['backward_kind']}")
+        for r in results:
+            if "memory" in r:
+                print(memory_line(r["rank"], r["memory"]))
     if not check:
         return 0
     if "quant" in cm.graph.meta:  # what the quantized graph computes: the dequantized weights

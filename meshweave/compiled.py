@@ -43,6 +43,7 @@ class CompiledModel:
         self.remat: dict[str, Any] = {}  # its partition: passes/remat/ problem and solution
         self.plan = None  # CompileOptions(mesh=...): the parallel Plan
         self._rank = None  # under the plan's process group: runtime.distributed RankModule
+        self.rank_remat: dict[str, Any] = {}  # its partition (passes/remat/), under a budget
         self.source_model = None  # the traced nn.Module and meshweave.compile (api.py):
         self.compile_fn = None  # cm.generate compiles the model's KV-cache steps with them
 
@@ -101,16 +102,31 @@ class CompiledModel:
                        *self.graph.tensors.values()]
             device = next((t.device for t in tensors if t.device.type == "cuda"), "cpu")
             kw = {}
-            if self.options.training and self.options.memory_budget is not None:
+            budget = self._rank_budget()
+            if self.options.training and budget is not None:
                 from meshweave.api import remat_partition_for
 
-                self.remat = report = {}  # this rank's partition under the budget
+                self.rank_remat = report = {}  # this rank's partition under the budget
                 kw["partition"] = remat_partition_for(self.options, report,
-                                                      getattr(device, "type", device))
+                                                      getattr(device, "type", device), budget)
                 kw["recomputed"] = lambda: report.get("recomputed", [])
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,
                                     device=device, local_batch=self.options.local_batch, **kw)
         return self._rank
+
+    def _rank_budget(self):
+        """This rank's rematerialization budget: CompileOptions.memory_budget, else its plan
+        stage's (StagePlan.memory_budget, raised to the smallest feasible if need be)."""
+        from meshweave.passes.remat.budget import MemoryBudget
+
+        if self.options.memory_budget is not None:
+            return MemoryBudget.parse(self.options.memory_budget)
+        import torch.distributed as dist
+
+        stage = self.plan.stages[self.plan.stage_of_rank(dist.get_rank())]
+        if stage.memory_budget is None:
+            return None
+        return MemoryBudget(fraction=stage.memory_budget, at_least_feasible=True)
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, cache_len: int | None = None,
                  max_batch: int | None = None, **kwargs: Any):
@@ -219,6 +235,9 @@ class CompiledModel:
         """One training step on (args, kwargs), measured beside the estimates: the bytes kept
         between forward and backward and the peak live bytes (runtime/memory.py), and the
         rematerialization pass's budget, saved set and recompute cost (passes/remat/)."""
+        if self.plan is not None and self.plan.world_size > 1 and self.options.training:
+            leaves = self.signature.flatten(args, kwargs)  # this rank's step
+            return self._rank_module(leaves).memory_stats(leaves, self.rank_remat)
         if self.joint is None:
             raise ValueError("memory_stats() measures a training step: compile with "
                              "CompileOptions(training=True)")

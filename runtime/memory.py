@@ -152,6 +152,21 @@ def _simulate(graph: Graph, live_inputs: list, start: int) -> tuple[int, int]:
     return peak, cur
 
 
+def estimate_saved(forward: Graph, num_saved: int) -> int:
+    """Bytes of the storages the forward's last `num_saved` outputs (the values saved for
+    backward) hold, from the IR's types: each storage once, views of parameters and inputs
+    (which are alive anyway) not counted, as SavedBytes measures."""
+    root: dict[Any, Any] = {}
+    for n in forward.nodes:
+        own = _produces(n) > 0 or not n.inputs
+        for o in n.outputs:
+            r = o if own else root.get(n.inputs[0])
+            if r is not None:
+                root[o] = r
+    saved = forward.outputs[len(forward.outputs) - num_saved:] if num_saved else []
+    return sum(_nbytes(r) for r in {root[v] for v in saved if v in root})
+
+
 def estimate_call_peak(graph: Graph) -> int:
     """One inference call's peak live activation bytes from the IR's types (parameters, buffers
     and the call's inputs excluded), as the reference executor frees values: what a graph

@@ -5,6 +5,8 @@ adjoints with the forward's source lines, and its gradients equal one device's."
 from __future__ import annotations
 
 import collections
+import json
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from meshweave.ir.graph import Node, Value
 from meshweave.models import build_model
 from meshweave.passes.parallel.lower.rank import lower_for_rank
+from meshweave.passes.parallel.plan import Plan
 from meshweave.runtime.distributed import DistributedError
 from meshweave.runtime.distributed import autograd_collectives as ac
 from meshweave.runtime.distributed.launch import launch
@@ -99,7 +102,7 @@ def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
 def _train_budget(rank, world, cm, x, want_grads):
     out = cm(x)
     F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
-    sol = cm.remat["solution"]
+    sol = cm.rank_remat["solution"]
     grads = [float((p.grad - want_grads[n]).abs().max())
              for n, p in cm.named_parameters() if p.shape == want_grads[n].shape]
     marked = sum(bool(n.attrs.get("recompute")) for n in cm.backward_graph.nodes)
@@ -165,3 +168,62 @@ def test_stage_transfers_move_outside_and_a_receive_after_a_send_keeps_autograd(
 def test_a_collective_with_an_unknown_reduction_is_refused(op, kw, match):
     with pytest.raises(DistributedError, match=match):
         TRACED[op](torch.ones(2, 2), {**kw, "group": [0, 1], "axis": "tp"})
+
+
+def _plan_budget(rank, world, cm, x):
+    out = cm(x)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    return cm.rank_remat["budget"], cm.memory_stats(x)
+
+
+def test_the_planners_stage_budget_is_what_each_rank_recomputes_to():
+    """A planner memory cap that forces recompute: the plan's stage holds the fraction of its
+    activation bytes it keeps (StagePlan.memory_budget, in the JSON); compiled with that plan,
+    each rank's remat pass gets it (raised to the smallest feasible if need be), and the
+    rank's measured saved and peak bytes match the IR's estimates within 10%."""
+    from meshweave.api import plan_for
+
+    model, (x,) = build_model("gpt-tiny", batch=4, seq=8)
+    graph = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=2, training=True)).graph
+    plan = plan_for(graph, 2, training=True, memory_budget=1e6)
+    stage = plan.stages[0]
+    assert stage.recompute and 0 < stage.memory_budget < 1, stage
+    assert Plan.from_json(plan.to_json()).stages[0].memory_budget == stage.memory_budget
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        plan=plan, training=True))
+    for budget, m in launch(_plan_budget, 2, (cm, x), timeout_s=120):
+        assert budget.fraction == stage.memory_budget and budget.at_least_feasible, budget
+        assert abs(m["peak_bytes_measured"] / m["peak_bytes_estimated"] - 1) < 0.1, m
+        assert abs(m["saved_bytes_measured"] / m["saved_bytes_estimated"] - 1) < 0.1, m
+
+
+def test_a_plan_file_without_stage_budgets_reads_as_saving_everything():
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True))
+    d = json.loads(cm.plan.to_json())
+    for s in d["stages"]:
+        s.pop("memory_budget")  # a plan written before stage budgets existed
+    assert Plan.from_json(json.dumps(d)).stages[0].memory_budget is None
+
+
+@pytest.mark.timeout(150)
+def test_meshweave_run_check_shows_each_ranks_memory(capsys):
+    """`meshweave run --train --memory-budget 0.3 --check` on tp=2: each rank's saved and
+    peak bytes, estimated beside measured, within 10%; bad budgets are one-line errors."""
+    from meshweave.cli import main
+
+    argv = ["run", "--model", "gpt-tiny", "--mesh", "tp=2", "--train", "--seq", "8"]
+    assert main([*argv, "--memory-budget", "0.3", "--check"]) == 0
+    out = capsys.readouterr().out
+    lines = re.findall(r"rank (\d) memory, budget 0.3: .* peak ([\d.]+) KiB estimated, "
+                       r"([\d.]+) KiB measured", out)
+    assert sorted(r for r, _, _ in lines) == ["0", "1"], out
+    for _, est, got in lines:
+        assert abs(float(got) / float(est) - 1) < 0.1, out
+    assert main([*argv, "--memory-budget", "2"]) == 2
+    assert "--memory-budget 2.0: a number is a fraction" in capsys.readouterr().err
+    assert main([*argv[:-3], "--memory-budget", "0.5"]) == 2
+    assert "--memory-budget chooses what the backward recomputes: it needs --train" \
+        in capsys.readouterr().err

@@ -49,6 +49,9 @@ class StagePlan:
     recompute: bool = False
     layers: tuple[int, int] | None = None  # [start, end) of repeated layers, when known
     mesh_shape: tuple[int, ...] | None = None  # this stage's mesh over plan.mesh's axes
+    # training with recompute: the fraction of its activation bytes the stage keeps, which its
+    # ranks' rematerialization pass gets as memory_budget (None: save everything)
+    memory_budget: float | None = None
 
 
 @dataclasses.dataclass
@@ -184,7 +187,9 @@ class Plan:
              f"{self.meshes_text()} ({', '.join(self.mesh.names)})"),
             f"  micro-batches {self.micro_batches}, schedule {self.schedule}, "
             f"ZeRO-1 {'on' if self.zero else 'off'}, "
-            "recompute " + (f"on for stages {[s.index for s in self.stages if s.recompute]}"
+            "recompute " + (", ".join(f"stage {s.index} at budget {s.memory_budget:.3g}"
+                                      if s.memory_budget is not None else f"stage {s.index}"
+                                      for s in self.stages if s.recompute)
                             if any(s.recompute for s in self.stages) else "off"),
         ]
         if est:

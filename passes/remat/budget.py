@@ -30,6 +30,9 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 class MemoryBudget:
     fraction: float | None = None  # of the bytes that saving everything needs
     nbytes: int | None = None  # absolute
+    # a plan's stage budget (StagePlan.memory_budget), estimated on the planner's model: the
+    # pass raises it to the smallest feasible budget instead of failing
+    at_least_feasible: bool = False
 
     @classmethod
     def parse(cls, value: float | int | str | MemoryBudget) -> MemoryBudget:
@@ -63,4 +66,6 @@ class MemoryBudget:
         return self.fraction * full if self.fraction is not None else float(self.nbytes)
 
     def __str__(self) -> str:
-        return f"{self.fraction:g}" if self.fraction is not None else f"{self.nbytes:,} B"
+        text = f"{self.fraction:g}" if self.fraction is not None else f"{self.nbytes:,} B"
+        return text + (" (the plan's, or the smallest feasible)" if self.at_least_feasible
+                       else "")

@@ -24,7 +24,7 @@ from torch import fx
 
 from .budget import MemoryBudget
 from .problem import build_problem
-from .solve import evaluate, solve
+from .solve import evaluate, smallest_feasible, solve
 
 
 def remat_partition(budget: MemoryBudget | None, spec, report: dict[str, Any]) -> Callable:
@@ -43,7 +43,10 @@ def remat_partition(budget: MemoryBudget | None, spec, report: dict[str, Any]) -
             report["solution"] = evaluate(problem, set(problem.needed))
             report["recomputed"] = _recomputed(bw, problem)
             return fw, bw
-        sol = solve(problem, budget.bytes_for(problem.full_bytes))
+        limit = budget.bytes_for(problem.full_bytes)
+        if budget.at_least_feasible:
+            limit = max(limit, smallest_feasible(problem))
+        sol = solve(problem, limit)
         # the parameters and inputs the backward reads, directly or to recompute from
         free = set(problem.free)
         for n in sol.recomputed:

@@ -173,6 +173,40 @@ class RankModule:
         copies = ex.size if ex.is_last else None
         return list(_Boundary.apply(self, copies, len(roots), *roots, *full))
 
+    def memory_stats(self, leaves: list[Any], remat: dict | None = None) -> dict[str, Any]:
+        """One forward and backward of this rank's joint on its first micro-batch, measured
+        (runtime/memory.py: saved bytes by saved-tensor hooks, peak live bytes from the
+        reference executor) beside the estimates from the rank's IR. A collective: every rank
+        calls it. Gradients are restored afterwards, so measuring does not train."""
+        from ...runtime.memory import estimate_peak, estimate_saved, measure_step
+
+        joint = self.joint
+        if joint is None:
+            raise DistributedError(f"memory_stats measures the rank's backward IR; this "
+                                   f"rank's backward is {self.backward_kind}")
+        if joint.recvs or joint.sends:
+            raise DistributedError("memory_stats: a pipeline stage's step needs its peers' "
+                                   "transfers; measure a plan of one stage")
+        if self.dp_axis is not None:
+            leaves = self._global_batch(leaves)
+        args = self.ex._stage_inputs(leaves, 0)
+        with torch.enable_grad():
+            got = measure_step(lambda: list(joint.fn(*args)), list(self.ex.params.values()),
+                               args)
+        fw, bw = joint.forward, joint.backward
+        num_saved = fw.meta.get("num_saved", 0)
+        saved_est = estimate_saved(fw, num_saved)
+        sol = (remat or {}).get("solution")
+        return {
+            "rank": self.rank,
+            "budget": str(remat["budget"]) if remat and remat.get("budget") else None,
+            "saved_bytes_estimated": int(sol.saved_bytes) if sol else saved_est,
+            "saved_bytes_measured": got["saved_bytes"],
+            "peak_bytes_estimated": estimate_peak(fw, bw, num_saved),
+            "peak_bytes_measured": got["peak_bytes"],
+            "peak_source": got["peak_source"],
+        }
+
     def _global_batch(self, leaves: list[Any]) -> list[Any]:
         """local_batch: the global batch from every dp rank's slice (a differentiable
         all-gather of the inputs, which are small beside the activations), laid out so that

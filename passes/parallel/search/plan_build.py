@@ -145,6 +145,7 @@ def build_plan(
             list(range(i * size, (i + 1) * size)),
             ev.stages[i].recompute,
             ev.stages[i].layers,
+            memory_budget=ev.stages[i].saved_fraction,
         )
         for i, nodes in enumerate(stage_nodes(ctx, cuts))
     ]
@@ -320,7 +321,8 @@ def build_submesh_plan(state: PlannerState, cand: SubmeshCandidate, info: dict[s
     collectives += _stage_transfers([lay.units for lay in cand.layouts], ev, b, state.training)
     stages = [
         StagePlan(i, [n.outputs[0].name for n in nodes if n.outputs], list(cand.devices[i]),
-                  ev.stages[i].recompute, ev.stages[i].layers, tuple(lay.mesh.shape))
+                  ev.stages[i].recompute, ev.stages[i].layers, tuple(lay.mesh.shape),
+                  ev.stages[i].saved_fraction)
         for i, (nodes, lay) in enumerate(zip(nodes_of, cand.layouts))
     ]
     search = {**_search_info(state, ev, b), **info}

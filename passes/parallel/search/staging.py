@@ -110,6 +110,9 @@ class StageEval:
     memory: float
     recompute: bool
     inflight: int
+    # with recompute: the fraction of the stage's activation bytes the model keeps (layer
+    # boundaries and the ends), the budget the runtime's remat pass gets (StagePlan)
+    saved_fraction: float | None = None
 
 
 def transfer_time(sender: UnitTable, receiver: UnitTable, unit: int) -> float:
@@ -142,13 +145,17 @@ def eval_stage(
     sync += max([float(u.sync_fixed[k:e].max(initial=0.0))] + [s.sync_fixed for s in ends])
     wmem = float(u.wmem[k:e].sum()) + sum(s.weight_memory for s in ends)
     end_act = sum(s.activation_memory for s in ends)
+    saved = None
     if not u.training:
         act = max(float(u.act[k:e].max(initial=0.0)), end_act)
     elif recompute:
-        act = inflight * (float(u.boundary[k:e].sum()) + end_act) + float(u.act[k:e].max())
+        kept, full = float(u.boundary[k:e].sum()) + end_act, float(u.act[k:e].sum()) + end_act
+        act = inflight * kept + float(u.act[k:e].max())
+        saved = min(1.0, kept / full) if full > 0 else 1.0
     else:
         act = inflight * (float(u.act[k:e].sum()) + end_act)
-    return StageEval((k, e), compute + comm, compute, comm, sync, wmem + act, recompute, inflight)
+    return StageEval((k, e), compute + comm, compute, comm, sync, wmem + act, recompute, inflight,
+                     saved)
 
 
 @dataclasses.dataclass
