@@ -238,7 +238,7 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
         return run_pipeline(g, passes, verify_each=options.verify)
 
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
-    kw = {"make_runner": _triton_runner(options)} if cm.backend == "triton" else {}
+    kw = {"make_runner": triton_runner(options)} if cm.backend == "triton" else {}
     cm.remat = remat = {}
     kw["partition"] = remat_partition_for(options, remat, _leaf_device(leaves))
     kw["recomputed"] = lambda: remat.get("recomputed", [])
@@ -270,8 +270,9 @@ def remat_partition_for(options, report, device: str = "cpu", budget=None):
     return remat_partition(budget, get_spec(hardware), report)
 
 
-def _triton_runner(options):
-    """The Triton backend for one graph of the training step (forward or backward)."""
+def triton_runner(options):
+    """The Triton backend for one graph of the training step (forward or backward; under
+    mesh=, of each rank's: collectives run through torch inside the generated module)."""
     from types import SimpleNamespace
 
     from meshweave.codegen import attach_triton_backend

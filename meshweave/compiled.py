@@ -110,6 +110,10 @@ class CompiledModel:
                 kw["partition"] = remat_partition_for(self.options, report,
                                                       getattr(device, "type", device), budget)
                 kw["recomputed"] = lambda: report.get("recomputed", [])
+            if self.backend == "triton":  # the rank's joint graphs get generated kernels
+                from meshweave.api import triton_runner
+
+                kw["make_runner"] = triton_runner(self.options)
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,
                                     device=device, local_batch=self.options.local_batch, **kw)
         return self._rank

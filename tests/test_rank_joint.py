@@ -131,6 +131,36 @@ def test_a_memory_budget_under_a_mesh_is_each_ranks_own():
         assert grad_err < 1e-5 and not bad, (grad_err, bad)
 
 
+def _train_triton(rank, world, cm, x, want_grads):
+    out = cm(x)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    grads = [float((p.grad - want_grads[n]).abs().max())
+             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape]
+    art = {k: g.meta["kernels"] for k, g in (("forward", cm.forward_graph),
+                                             ("backward", cm.backward_graph))}
+    return (max(grads), {k: sum(x.kind == "matmul" for x in a.kernels) for k, a in art.items()},
+            {k: {f["op"] for f in a.fallbacks} for k, a in art.items()})
+
+
+@pytest.mark.usefixtures("kernel_cache")
+def test_the_triton_backend_runs_each_ranks_forward_and_backward():
+    """backend="triton" under tp=2: both of a rank's graphs become generated modules (the
+    interpreter here), their collectives run through torch inside them, and the gradients
+    equal one device's."""
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
+    ref.load_state_dict(model.state_dict())
+    out = ref(x)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True, backend="triton"))
+    for err, matmuls, fallbacks in launch(_train_triton, 2, (cm, x, want), timeout_s=240):
+        assert err < 1e-5, err
+        assert matmuls["forward"] >= 4 and matmuls["backward"] >= 4, matmuls
+        assert "dist.all_reduce" in fallbacks["forward"] | fallbacks["backward"], fallbacks
+
+
 def test_stage_transfers_move_outside_and_a_receive_after_a_send_keeps_autograd():
     """pp=2,tp=2: stage 0's send becomes a trailing output and stage 1's receive a trailing
     input of the traced program; a program receiving after it sent (a transfer inside its

@@ -15,9 +15,11 @@ rank returns the full outputs.
 The rank's backward is meshweave IR (rank_joint.py): at the first training call the program
 is traced by AOTAutograd with its collectives as traceable ops whose gradients are their
 exact adjoints, and the partitioned forward and backward graphs (`cm.forward_graph`,
-`cm.backward_graph`, collectives as dist.* nodes) run on the reference executor. Programs with
-stage transfers inside (pipelines) or ops that communicate inside (expert-parallel MoE) keep
-torch autograd over the forward program; `backward_kind` says which runs, and why.
+`cm.backward_graph`, collectives as dist.* nodes) run on the reference executor, or as
+generated Triton modules with backend="triton". A pipeline stage's receives and sends move
+outside the traced step (its inputs and outputs). Programs that receive after they send, or
+with ops that communicate inside (expert-parallel MoE), keep torch autograd over the forward
+program; `backward_kind` says which runs, and why.
 
 Gradients (the default convention): every rank computes the same loss from the full outputs
 and calls backward(). The collectives' backwards are exact adjoints (autograd_collectives.py),
@@ -71,9 +73,11 @@ class RankModule:
     """One rank's program of `plan` for `graph`, differentiable when `training`."""
 
     def __init__(self, graph: Graph, plan, *, training: bool, device: str | torch.device,
-                 local_batch: bool = False, partition=None, recomputed=None):
+                 local_batch: bool = False, partition=None, recomputed=None,
+                 make_runner=None):
         """`partition`/`recomputed`: the rank joint's partition (passes/remat/ under
-        CompileOptions.memory_budget) and the names it recomputes (rank_joint.py)."""
+        CompileOptions.memory_budget) and the names it recomputes; `make_runner`: what runs
+        its graphs (default the reference executor; the Triton backend's) (rank_joint.py)."""
         from ...passes.parallel.lower.rank import lower_for_rank
         from .groups import init_plan_groups
         from .program import program_from_lowered, tie_rank_groups
@@ -100,10 +104,10 @@ class RankModule:
         self.pending: dict | None = None  # during a backward: the gradients from before it
         self.joint, self.backward_kind = None, None
         if training:
-            self._build_joint(partition, recomputed)
+            self._build_joint(partition, recomputed, make_runner)
         self.targets = {v.name: v.target for v in graph.inputs if v.kind == "param"}
 
-    def _build_joint(self, partition, recomputed) -> None:
+    def _build_joint(self, partition, recomputed, make_runner) -> None:
         """The rank's forward and backward as IR (rank_joint.py), where the program allows."""
         from ...frontend.joint import reference_runner
         from .rank_joint import build_rank_joint, untraceable
@@ -113,7 +117,8 @@ class RankModule:
             self.backward_kind = f"torch autograd over the forward program: {why}"
             return
         self.joint = build_rank_joint(self.program.graph, self.ex.tensors,
-                                      optimize=_rank_passes, make_runner=reference_runner,
+                                      optimize=_rank_passes,
+                                      make_runner=make_runner or reference_runner,
                                       partition=partition, recomputed=recomputed)
         self.backward_kind = "meshweave IR (the rank's joint graph)"
 

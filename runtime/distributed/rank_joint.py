@@ -18,7 +18,8 @@ formula is the collective's exact adjoint (autograd_collectives.py's convention)
 
 The partitioned forward and backward are converted to IR, the traced collectives turned back
 into the IR's `dist.*` nodes, shape-propagated and verified, and run by the backend (the
-reference executor, whose dist.* implementations talk to the plan's process groups). The
+reference executor, whose dist.* implementations talk to the plan's process groups, or the
+Triton backend's generated modules, in which the collectives run through torch). The
 pipeline's CSE and DCE are not run on them: a collective one rank drops or merges would leave
 the others waiting. Each node keeps the source line of the program node it came from.
 
