@@ -1,6 +1,7 @@
 """Codegen: the optimized IR to code, one folder per target.
 
     attach_triton_backend(cm)      # called by meshweave.compile for backend="triton"
+    triton_runner(options)(graph)  # one graph of a training step (a model's, or a rank's)
 
   triton/   the default backend: fusion schedule, lowering rule tables, the kernel templates
             (triton/kernels/: pointwise, reduction, matmul, flash attention), the generated
@@ -306,3 +307,18 @@ def _install(cm, graph, entry, interpret: bool, config: CodegenConfig, root: str
         kernels, fallbacks, entry.path, module_source, entry.status, key,
         graph.meta.get("folded"),
     )
+
+
+def triton_runner(options):
+    """The Triton backend for one graph of a training step (forward or backward; under
+    mesh=, each rank's: its collectives run through torch inside the generated module)."""
+    from types import SimpleNamespace
+
+    def make(graph):
+        holder = SimpleNamespace(graph=graph, options=options, artifacts={}, kernels=[],
+                                 _runner=None)
+        attach_triton_backend(holder)
+        graph.meta["kernels"] = holder.artifacts["kernels"]
+        return holder._runner
+
+    return make

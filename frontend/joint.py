@@ -116,6 +116,19 @@ _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
+def attention_args(args: tuple, kwargs: dict, q_rank: int,
+                   is_dynamic: Callable[[Any], bool]) -> tuple | None:
+    """meshweave.attention's arguments for an SDPA call's, or None where it must stay SDPA:
+    dropout (its RNG state is torch's), a flag only known at run time, or not 4-d."""
+    vals = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+    flags = (vals.get("dropout_p", 0.0), vals.get("is_causal", False), vals.get("scale"),
+             vals.get("enable_gqa", False))
+    if any(is_dynamic(f) for f in flags) or flags[0] or q_rank != 4:
+        return None
+    return (vals["query"], vals["key"], vals["value"], vals.get("attn_mask"), bool(flags[1]),
+            None if flags[2] is None else float(flags[2]), bool(flags[3]))
+
+
 def route_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with every dropout-free 4-d SDPA called as meshweave.attention (ir/ops/attention.py),
     so that AOTAutograd records the same forward/backward pair on every device. SDPA with
@@ -125,14 +138,11 @@ def route_attention(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _SDPA:
             continue
-        vals = {**dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
-        q = getattr(vals["query"], "meta", {}).get("val")
-        flags = (vals.get("dropout_p", 0.0), vals.get("is_causal", False), vals.get("scale"),
-                 vals.get("enable_gqa", False))
-        if any(isinstance(f, fx.Node) for f in flags) or flags[0] or q is None or q.dim() != 4:
+        q = getattr(node.args[0], "meta", {}).get("val")
+        args = attention_args(node.args, node.kwargs, q.dim() if q is not None else 0,
+                              lambda f: isinstance(f, fx.Node))
+        if args is None:
             continue
-        args = (vals["query"], vals["key"], vals["value"], vals.get("attn_mask"),
-                bool(flags[1]), None if flags[2] is None else float(flags[2]), bool(flags[3]))
         meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
         with gm.graph.inserting_after(node):
             pair = gm.graph.call_function(ATTENTION_OP, args)

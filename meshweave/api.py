@@ -222,7 +222,9 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
     """The joint forward + backward (frontend/joint.py) of the trace `ep` as exported (AOTAutograd
     differentiates the ATen ops itself): calls with grad enabled run it."""
     from meshweave.frontend.joint import build_joint
+    from meshweave.codegen import triton_runner
     from meshweave.ir.errors import MeshweaveError
+    from meshweave.passes.remat.partition import partition_for
 
     trainable = [n for n, p in model.named_parameters()
                  if p.requires_grad and p.dtype.is_floating_point]
@@ -240,7 +242,8 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
     kw = {"make_runner": triton_runner(options)} if cm.backend == "triton" else {}
     cm.remat = remat = {}
-    kw["partition"] = remat_partition_for(options, remat, _leaf_device(leaves))
+    kw["partition"] = partition_for(options.memory_budget, options.hardware, remat,
+                                    _leaf_device(leaves))
     kw["recomputed"] = lambda: remat.get("recomputed", [])
     cm.joint = build_joint(ep, leaves, cm.model_name, eager_fallback=options.eager_fallback,
                            optimize=optimize, **kw)
@@ -251,40 +254,6 @@ def _leaf_device(leaves) -> str:
         if isinstance(x, torch.Tensor):
             return x.device.type
     return "cpu"
-
-
-def remat_partition_for(options, report, device: str = "cpu", budget=None):
-    """The rematerialization pass (passes/remat/) as the joint graph's partition function
-    (the model's, or under mesh= each rank's: the budget is then the rank's own; `budget`, a
-    MemoryBudget, overrides options.memory_budget, as a plan stage's does).
-    Recompute is priced on options.hardware, or on the device the step runs on: the "cpu"
-    preset for CPU tensors (where a matmul is compute-bound at sizes an H100 would find
-    memory-bound), h100 otherwise."""
-    from meshweave.passes.parallel.cost.hardware import get_spec
-    from meshweave.passes.remat.budget import MemoryBudget
-    from meshweave.passes.remat.partition import remat_partition
-
-    if budget is None and options.memory_budget is not None:
-        budget = MemoryBudget.parse(options.memory_budget)
-    hardware = options.hardware or ("cpu" if device == "cpu" else "h100")
-    return remat_partition(budget, get_spec(hardware), report)
-
-
-def triton_runner(options):
-    """The Triton backend for one graph of the training step (forward or backward; under
-    mesh=, of each rank's: collectives run through torch inside the generated module)."""
-    from types import SimpleNamespace
-
-    from meshweave.codegen import attach_triton_backend
-
-    def make(graph):
-        holder = SimpleNamespace(graph=graph, options=options, artifacts={}, kernels=[],
-                                 _runner=None)
-        attach_triton_backend(holder)
-        graph.meta["kernels"] = holder.artifacts["kernels"]
-        return holder._runner
-
-    return make
 
 
 def _attach_backend(cm: CompiledModel, options: CompileOptions) -> None:

@@ -104,14 +104,14 @@ class CompiledModel:
             kw = {}
             budget = self._rank_budget()
             if self.options.training and budget is not None:
-                from meshweave.api import remat_partition_for
+                from meshweave.passes.remat.partition import partition_for
 
                 self.rank_remat = report = {}  # this rank's partition under the budget
-                kw["partition"] = remat_partition_for(self.options, report,
-                                                      getattr(device, "type", device), budget)
+                kw["partition"] = partition_for(None, self.options.hardware, report,
+                                                getattr(device, "type", device), budget)
                 kw["recomputed"] = lambda: report.get("recomputed", [])
             if self.backend == "triton":  # the rank's joint graphs get generated kernels
-                from meshweave.api import triton_runner
+                from meshweave.codegen import triton_runner
 
                 kw["make_runner"] = triton_runner(self.options)
             self._rank = RankModule(self.graph, self.plan, training=self.options.training,

@@ -70,7 +70,7 @@ def _train_tp(rank, world, cm, x, want_loss, want_grads):
     grads = {n: float((p.grad - want_grads[n]).abs().max())
              for n, p in cm.named_parameters() if p.shape == want_grads[n].shape}
     count = collections.Counter
-    ops = {k: count(n.op for n in g.nodes if n.op.startswith("dist."))
+    ops = {k: count(n.op for n in g.nodes if n.op.startswith(("dist.", "meshweave.attention")))
            for k, g in (("forward", cm.forward_graph), ("backward", cm.backward_graph))}
     sources = sum(bool(n.source) for n in cm.backward_graph.nodes) / len(cm.backward_graph.nodes)
     return cm.backward_kind, float(loss) - want_loss, grads, ops, sources
@@ -78,7 +78,8 @@ def _train_tp(rank, world, cm, x, want_loss, want_grads):
 
 def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
     """tp=2 on gpt-tiny: each rank's backward is IR in which every forward all-reduce has its
-    all-reduce and the logits' all-gather its reduce-scatter; most backward nodes carry a
+    all-reduce and the logits' all-gather its reduce-scatter, and attention is meshweave's
+    forward/backward pair (as on one device); most backward nodes carry a
     source line; the loss and the replicated parameters' gradients equal one device's."""
     model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
     ref = build_model("gpt-tiny", batch=2, seq=8)[0]
@@ -96,6 +97,9 @@ def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
         fw, bw = ops["forward"], ops["backward"]
         assert fw["dist.all_reduce"] >= 4 and bw["dist.all_reduce"] == fw["dist.all_reduce"], ops
         assert bw["dist.reduce_scatter"] == fw["dist.all_gather"] == 1, ops
+        # attention routed as on one device: meshweave's pair, the Triton flash kernels' ops
+        assert fw["meshweave.attention.default"] == bw["meshweave.attention_backward.default"] \
+            == 2, ops
         assert sources > 0.8, sources
 
 

@@ -95,3 +95,18 @@ def _recomputed(bw: fx.GraphModule, problem) -> list[str]:
     """The backward's nodes that are copies of forward candidates."""
     return [n.name for n in bw.graph.nodes
             if n.op == "call_function" and n.name in problem.candidates]
+
+
+def partition_for(memory_budget, hardware: str | None, report: dict[str, Any],
+                  device: str = "cpu", budget: MemoryBudget | None = None) -> Callable:
+    """The pass as a joint graph's partition function for CompileOptions' `memory_budget`
+    and `hardware` (the model's joint, or under mesh= each rank's: the budget is then the
+    rank's own; `budget` overrides memory_budget, as a plan stage's does). Recompute is priced
+    on `hardware`, or on the device the step runs on: the "cpu" preset for CPU tensors (where
+    a matmul is compute-bound at sizes an H100 would find memory-bound), h100 otherwise."""
+    from ..parallel.cost.hardware import get_spec
+
+    if budget is None and memory_budget is not None:
+        budget = MemoryBudget.parse(memory_budget)
+    return remat_partition(budget, get_spec(hardware or ("cpu" if device == "cpu" else "h100")),
+                           report)

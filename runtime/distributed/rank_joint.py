@@ -44,6 +44,7 @@ from torch import fx
 from ...ir.errors import MeshweaveError
 from ...ir.graph import Graph
 from ...ir.ops import collectives as C
+from ...frontend.joint import attention_args
 from ...runtime.reference import run_node
 from .errors import DistributedError
 
@@ -254,13 +255,31 @@ def _program_fn(graph: Graph) -> Callable[..., tuple]:
                      else contextlib.nullcontext())
             with where:
                 call = TRACED.get(n.op)
-                if call is None:
-                    run_node(n, env)
-                else:
+                if call is not None:
                     env[n.outputs[0]] = call(env[n.args[0]], n.kwargs)
+                elif n.op != _SDPA or not _as_attention(n, env):
+                    run_node(n, env)
         return tuple(env[v] for v in graph.outputs)
 
     return step
+
+
+_SDPA = "aten.scaled_dot_product_attention.default"
+
+
+def _as_attention(n, env) -> bool:
+    """SDPA traced as meshweave.attention, as the single-device joint routes it
+    (frontend/joint.py): one forward/backward pair on every device, which the Triton backend
+    runs as its flash-attention kernels. False where it must stay SDPA (dropout)."""
+    from ...ir.graph import map_values
+    from ...ir.ops.attention import ATTENTION_OP
+
+    args, kwargs = map_values(n.args, env.__getitem__), map_values(n.kwargs, env.__getitem__)
+    routed = attention_args(args, kwargs, args[0].dim(), lambda f: False)
+    if routed is None:
+        return False
+    env[n.outputs[0]] = ATTENTION_OP(*routed)[0]
+    return True
 
 
 def _as_collectives(g: Graph) -> Graph:
