@@ -87,13 +87,33 @@ def compile(
     elif options.mesh is not None:
         cm.plan = plan_for(cm.graph, options.mesh, training=options.training,
                            hardware=options.hardware or "h100",
-                           micro_batches=options.micro_batches)
+                           micro_batches=options.micro_batches,
+                           memory_budget=_planner_memory(options),
+                           remat_curve=_remat_curve(cm) if options.training else None)
     if dp is not None:
         _check_local_plan(cm.plan)
         cm.signature = signature.local_batch(dp, batched)
     if dump_dir:
         cm.dump(dump_dir)
     return cm
+
+
+def _planner_memory(options: CompileOptions) -> int | None:
+    """CompileOptions.memory_limit under mesh=: the bytes per device the planner plans in."""
+    if options.memory_limit is None:
+        return None
+    from meshweave.passes.offload import memory_limit_bytes
+
+    return memory_limit_bytes(options.memory_limit)
+
+
+def _remat_curve(cm: CompiledModel):
+    """The remat pass's memory-versus-recompute curve of the model's joint graph, for the
+    planner to price stages that recompute (passes/remat/curve.py)."""
+    from meshweave.passes.remat.curve import remat_curve
+
+    problem = cm.remat.get("problem")
+    return remat_curve(problem) if problem is not None else None
 
 
 def _local_dp(options: CompileOptions) -> int:
@@ -157,11 +177,12 @@ MEGATRON_AXES = ("dp", "ep", "tp", "pp")
 
 def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
              hardware: str = "h100", micro_batches: int = 1,
-             memory_budget: float | None = None):
+             memory_budget: float | None = None, remat_curve: tuple | None = None):
     """The Plan of `graph` on `mesh` (a DeviceMesh): a mesh named only by dp/ep/tp/pp axes gets
     that Megatron layout (an "ep" axis: expert parallelism for moe.experts, data parallelism
     for the rest, strategies/moe_rules.py); any other mesh (or a device count) goes to the planner's search
-    (under `memory_budget` bytes per device, when given: plan_parallel's).
+    (under `memory_budget` bytes per device, when given: plan_parallel's; a stage over it
+    recomputes, priced by `remat_curve`, passes/remat/curve.py, when given).
     `batch` defaults to the batch the graph was traced at."""
     from meshweave.ir.mesh import DeviceMesh
 
@@ -175,13 +196,14 @@ def plan_for(graph, mesh, *, training: bool = False, batch: int | None = None,
         sizes = {n: mesh.axis_size(n) for n in mesh.names}
         return megatron_plan(graph, sizes.get("dp", 1), sizes.get("tp", 1), sizes.get("pp", 1),
                              micro_batches=micro_batches, batch=batch, training=training,
-                             spec=hardware, ep=sizes.get("ep"))
+                             spec=hardware, ep=sizes.get("ep"), memory_budget=memory_budget,
+                             remat_curve=remat_curve)
     from meshweave.passes.parallel.search.search import plan_parallel
     from meshweave.passes.parallel.strategies.node_strategies import infer_batch_dims
 
     batch = batch or infer_batch_dims(graph).traced_batch
     return plan_parallel(graph, mesh, hardware, batch=batch, training=training,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, remat_curve=remat_curve)
 
 
 def saved_plan(plan, mesh, graph, *, training: bool):

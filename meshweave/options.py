@@ -61,8 +61,10 @@ class CompileOptions:
     memory_limit: device memory that generation may use, in bytes or a size such as "6GiB":
         when a batch's KV caches do not fit it (or the `hardware` spec's memory), cm.generate
         keeps some sequences' caches, and the decode attention over them, on the CPU
-        (passes/offload/, runtime/offload/; APEX-style hybrid execution). None plans against
-        the spec's device memory.
+        (passes/offload/, runtime/offload/; APEX-style hybrid execution). Under mesh=, the
+        memory per device the parallel planner plans in: a training stage over it recomputes,
+        at the budget the remat pass's curve says fits (StagePlan.memory_budget). None plans
+        against the spec's device memory.
     """
 
     eager_fallback: bool = True

@@ -171,8 +171,11 @@ class PlannerState:
         pins: Mapping[str, tuple[str, ...]] | None = None,
         memory_budget: float | None = None,
         zero: bool = True,
+        remat_curve: tuple | None = None,
     ):
         self.graph, self.spec, self.batch, self.training = graph, spec, batch, training
+        # the remat pass's memory-versus-recompute points (passes/remat/curve.py), or None
+        self.remat_curve = remat_curve
         self.zero = zero  # ZeRO-1 over dp when training (memory and gradient-sync costs)
         if memory_budget is not None and not memory_budget > 0:
             raise PlanningError(f"memory budget must be positive, got {memory_budget}")

@@ -167,7 +167,8 @@ def evaluate_megatron(
     model = state.model(cfg.mesh, mbs)
     assign = state_megatron(state, cfg.mesh, mbs)
     segs = assignment_segments(state.ctx, model, assign)
-    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
+    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training,
+                       state.remat_curve)
     sched = "1f1b" if state.training else "gpipe"
     return evaluate_partition(units, cuts, cfg.micro_batches, sched, state.budget(), recompute)
 
@@ -220,20 +221,24 @@ def megatron_plan(
     spec: HardwareSpec | str = "h100",
     zero: bool = True,
     ep: int | None = None,
+    memory_budget: float | None = None,
+    remat_curve: tuple | None = None,
 ) -> Plan:
     """A Plan with the Megatron layout on a (dp, tp) stage mesh and pp uniform stages.
 
     `batch` defaults to the batch the graph was traced at; each micro-batch has
     batch / micro_batches samples, split over dp. `zero`: ZeRO-1 over dp when training.
     `ep`: a (dp, ep, tp) stage mesh instead, its "ep" axis expert-parallel for moe.experts and
-    data-parallel for every other op (strategies/moe_rules.py).
+    data-parallel for every other op (strategies/moe_rules.py). `memory_budget` (bytes per
+    device) and `remat_curve` as plan_parallel's: a stage over the budget recomputes.
     """
     spec = get_spec(spec)
     ctx_batch = batch
     # a graph traced with fewer repeated layers (trace_for_planning) is planned at its real
     # depth, as plan_parallel does
     state = PlannerState(graph, spec, batch=1, training=training, zero=zero,
-                         repeats=graph.meta.get("repeated_layers"))
+                         repeats=graph.meta.get("repeated_layers"),
+                         memory_budget=memory_budget, remat_curve=remat_curve)
     state.batch = ctx_batch or state.ctx.batch.traced_batch
     if state.batch % micro_batches:
         raise PlanningError(

@@ -74,7 +74,8 @@ def _min_memory(state: PlannerState, cfg: Config) -> float:
 def _evaluate_forced(state: PlannerState, cfg: Config, assign: dict[Key, Any]) -> float:
     mbs = state.batch // cfg.micro_batches
     segs = assignment_segments(state.ctx, state.model(cfg.mesh, mbs), assign)
-    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
+    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training,
+                       state.remat_curve)
     cuts = uniform_cuts(units.num_units, cfg.pp)
     sched = "1f1b" if state.training else "gpipe"
     ev = evaluate_partition(units, cuts, cfg.micro_batches, sched, None, state.training)

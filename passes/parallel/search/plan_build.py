@@ -150,6 +150,8 @@ def build_plan(
         for i, nodes in enumerate(stage_nodes(ctx, cuts))
     ]
     search = {**_search_info(state, ev, cfg.micro_batches), **info}
+    if state.remat_curve:
+        search["remat_curve"] = [list(p) for p in state.remat_curve]
     ep = ep_info(ctx, state.model(cfg.mesh, state.batch // cfg.micro_batches), assign)
     if ep is not None:
         search["ep"] = ep
@@ -180,7 +182,8 @@ def collective_records(
     if len(ev.stages) < 2:
         return out
     segs = assignment_segments(state.ctx, model, assign)
-    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
+    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training,
+                       state.remat_curve)
     return out + _stage_transfers([units] * len(ev.stages), ev, cfg.micro_batches,
                                   state.training)
 

@@ -79,6 +79,7 @@ def plan_parallel(
     top_k: int = 6,
     time_budget: float = 20.0,
     memory_budget: float | None = None,
+    remat_curve: tuple | None = None,
 ) -> Plan:
     """Find a parallel plan for `graph` on a mesh (or a device count) of `spec` devices.
 
@@ -90,7 +91,9 @@ def plan_parallel(
     (the best found so far is returned). `memory_budget`: bytes per device a plan may use,
     instead of the spec's usable memory (a budget below the replicated footprint makes the
     search shard weights or pipeline even where communication makes that slower). Raises
-    NoFeasiblePlanError (with `min_memory_bytes`) when nothing fits.
+    NoFeasiblePlanError (with `min_memory_bytes`) when nothing fits. `remat_curve`: the
+    remat pass's memory-versus-recompute points (passes/remat/curve.py), which price a stage
+    that needs recomputation instead of whole-layer recompute.
     """
     t0 = time.perf_counter()
     spec = get_spec(spec)
@@ -106,6 +109,7 @@ def plan_parallel(
         dtype=dtype,
         pins=pins,
         memory_budget=memory_budget,
+        remat_curve=remat_curve,
     )
     _check_pins(state, mesh_or_device_count)
     grid = megatron_grid(state, mesh_or_device_count, max_stages)
@@ -231,7 +235,8 @@ def _evaluate(
 ) -> PartitionEval | None:
     mbs = state.batch // cfg.micro_batches
     segs = assignment_segments(state.ctx, state.model(cfg.mesh, mbs), assign)
-    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training)
+    units = unit_table(state.ctx, segs, state.spec, cfg.mesh.size, state.training,
+                       state.remat_curve)
     cuts = cuts or uniform_cuts(units.num_units, cfg.pp)
     if cuts is None:
         return None
@@ -346,7 +351,8 @@ def _pipeline_round(state: PlannerState, cands: list[Candidate]) -> Candidate:
             continue
         mbs = state.batch // c.config.micro_batches
         segs = assignment_segments(state.ctx, state.model(c.config.mesh, mbs), c.assign)
-        units = unit_table(state.ctx, segs, state.spec, c.config.mesh.size, state.training)
+        units = unit_table(state.ctx, segs, state.spec, c.config.mesh.size, state.training,
+                           state.remat_curve)
         table = stage_table(units, c.config.micro_batches, c.config.pp, state.budget())
         sched = "1f1b" if state.training else "gpipe"
         try:

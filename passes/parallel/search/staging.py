@@ -49,6 +49,9 @@ class UnitTable:
     post: SegmentCost
     p2p_link: object
     training: bool
+    # the remat pass's (kept fraction, extra compute fraction) points (passes/remat/curve.py);
+    # None: recomputation is whole-layer (each layer's input kept, x4/3 compute)
+    curve: tuple | None = None
 
     @property
     def num_units(self) -> int:
@@ -74,6 +77,7 @@ def unit_table(
     spec: HardwareSpec,
     stage_size: int,
     training: bool,
+    curve: tuple | None = None,
 ) -> UnitTable:
     names = unit_names(ctx)
     empty = SegmentCost()
@@ -97,6 +101,7 @@ def unit_table(
         segs.get("post", empty),
         link,
         training,
+        curve if training and curve and len(curve) > 1 else None,
     )
 
 
@@ -129,13 +134,19 @@ def transfer_time(sender: UnitTable, receiver: UnitTable, unit: int) -> float:
 def eval_stage(
     u: UnitTable, k: int, e: int, n_units: int, inflight: int, recompute: bool,
     prev: UnitTable | None = None, nxt: UnitTable | None = None,
+    point: tuple[float, float] | None = None,
 ) -> StageEval:
     """One stage's costs; `prev`/`nxt` are the neighbouring stages' layouts when they differ
-    from this stage's (heterogeneous sub-meshes), for the transfer costs."""
+    from this stage's (heterogeneous sub-meshes), for the transfer costs. `point`, one of
+    u.curve's (kept, extra): recomputation as the remat pass does it at that budget."""
     first, last = k == 0, e == n_units
     ends = ([u.pre] if first else []) + ([u.post] if last else [])
-    compute = float((u.compute_rc if recompute else u.compute)[k:e].sum())
-    compute += sum(s.compute for s in ends)
+    if recompute and point is not None:
+        compute = float(u.compute[k:e].sum()) + sum(s.compute for s in ends)
+        compute *= 1.0 + point[1]
+    else:
+        compute = float((u.compute_rc if recompute else u.compute)[k:e].sum())
+        compute += sum(s.compute for s in ends)
     comm = float(u.comm[k:e].sum()) + sum(s.comm for s in ends)
     if not last:
         comm += transfer_time(u, nxt or u, e - 1)
@@ -148,6 +159,10 @@ def eval_stage(
     saved = None
     if not u.training:
         act = max(float(u.act[k:e].max(initial=0.0)), end_act)
+    elif recompute and point is not None:  # what the pass keeps; one layer's recomputed
+        full = float(u.act[k:e].sum()) + end_act  # activations alive at once in backward
+        act = inflight * point[0] * full + float(u.act[k:e].max()) * (1.0 - point[0])
+        saved = point[0]
     elif recompute:
         kept, full = float(u.boundary[k:e].sum()) + end_act, float(u.act[k:e].sum()) + end_act
         act = inflight * kept + float(u.act[k:e].max())
@@ -206,8 +221,10 @@ def evaluate_stages(
         if recompute == "auto":
             st = eval_stage(u, k, e, u.num_units, inflight, False, **nb)
             if u.training and budget is not None and st.memory > budget:
-                rc = eval_stage(u, k, e, u.num_units, inflight, True, **nb)
+                rc = _recomputed_stage(u, k, e, inflight, budget, nb)
                 st = rc if rc.memory < st.memory else st
+        elif recompute and u.curve is not None:
+            st = _recomputed_stage(u, k, e, inflight, budget, nb)
         else:
             st = eval_stage(u, k, e, u.num_units, inflight, bool(recompute), **nb)
         stages.append(st)
@@ -222,6 +239,21 @@ def evaluate_stages(
     if not all(math.isfinite(t) for t in times):
         total, fits = math.inf, False
     return PartitionEval(stages, micro_batches, schedule, total, compute, comm, bubble, fits)
+
+
+def _recomputed_stage(u: UnitTable, k: int, e: int, inflight: int, budget: float | None,
+                      nb: dict) -> StageEval:
+    """The stage with recomputation: whole-layer without a curve; with one, the first point
+    (least recompute) that fits the budget, else the point of least memory."""
+    if u.curve is None:
+        return eval_stage(u, k, e, u.num_units, inflight, True, **nb)
+    best = None
+    for point in u.curve[1:]:
+        st = eval_stage(u, k, e, u.num_units, inflight, True, point=point, **nb)
+        if budget is None or st.memory <= budget * (1 + 1e-9):
+            return st
+        best = st if best is None or st.memory < best.memory else best
+    return best
 
 
 def uniform_cuts(n_units: int, n_stages: int) -> list[int] | None:

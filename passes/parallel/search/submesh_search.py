@@ -131,7 +131,8 @@ def stage_layouts(
     out = []
     for assign, src in found:
         segs = assignment_segments(state.ctx, model, assign)
-        units = unit_table(state.ctx, segs, state.spec, mesh.size, state.training)
+        units = unit_table(state.ctx, segs, state.spec, mesh.size, state.training,
+                           state.remat_curve)
         out.append(StageLayout(mesh, assign, units, src))
     return out
 
