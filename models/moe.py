@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, SwiGLU, init_normal_
+from .layers import RMSNorm, SwiGLU, init_normal_, rope_cos_sin
 from .llama import GQAttention, RotaryDecoder, decoder_inputs
 from .registry import register_model
 
@@ -59,6 +59,9 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
+    # > 0: forward returns (logits, coef x the load-balancing loss summed over layers), as HF's
+    # MoE models do with output_router_logits (Switch Transformer's auxiliary loss)
+    router_aux_loss_coef: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -83,13 +86,24 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_aux: bool = False):
+        """Combine weights [T, E]; with_aux: (them, the load-balancing loss of this routing)."""
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         expert_ids = torch.arange(self.num_experts, device=x.device)
         one_hot = (top_i[..., None] == expert_ids).to(top_p.dtype)  # [T, k, E]
-        return (one_hot * top_p[..., None]).sum(dim=1).to(x.dtype)  # [T, E]
+        combine = (one_hot * top_p[..., None]).sum(dim=1).to(x.dtype)  # [T, E]
+        return (combine, load_balancing_loss(probs, one_hot)) if with_aux else combine
+
+
+def load_balancing_loss(probs: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss, E * sum_e f_e * P_e: f_e the fraction of the
+    routing slots that chose expert e (no gradient), P_e its mean router probability. 1 when
+    routing is uniform, up to E when every token goes to one expert."""
+    e = probs.shape[-1]
+    f = one_hot.sum(dim=(0, 1)) / (one_hot.shape[0] * one_hot.shape[1])
+    return e * (f.detach() * probs.mean(dim=0)).sum()
 
 
 class StackedExperts(nn.Module):
@@ -140,14 +154,23 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
-        out = self.experts(tokens, self.router(tokens))
+        return self._mix(tokens, self.router(tokens)).reshape(b, s, d)
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        combine, aux = self.router(tokens, with_aux=True)
+        return self._mix(tokens, combine).reshape(b, s, d), aux
+
+    def _mix(self, tokens: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        out = self.experts(tokens, combine)
         if self.shared_expert is not None and self.shared_gate == "softmax":
             coef = F.softmax(self.coefficient(tokens), dim=-1)
             out = out * coef[:, 0:1] + self.shared_expert(tokens) * coef[:, 1:2]
         elif self.shared_expert is not None:  # Qwen2-MoE's sigmoid gate
             gate = torch.sigmoid(self.shared_expert_gate(tokens))
             out = out + gate * self.shared_expert(tokens)
-        return out.reshape(b, s, d)
+        return out
 
 
 class MoEBlock(nn.Module):
@@ -164,6 +187,11 @@ class MoEBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.moe(self.moe_norm(x))
 
+    def forward_with_aux(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        y, aux = self.moe.forward_with_aux(self.moe_norm(x))
+        return x + y, aux
+
 
 class MoEDecoder(RotaryDecoder):
     """MoE LM: Llama's skeleton with MoE feed-forward blocks."""
@@ -174,6 +202,22 @@ class MoEDecoder(RotaryDecoder):
             init_normal_(module, cfg.init_std)
             if isinstance(module, StackedExperts):
                 module.reset_parameters(cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor):
+        """Logits; with config.router_aux_loss_coef > 0, (logits, the weighted load-balancing
+        loss summed over layers), which training adds to its loss."""
+        coef = self.config.router_aux_loss_coef
+        if not coef:
+            return super().forward(input_ids)
+        x = self.embed(input_ids)
+        cos, sin = rope_cos_sin(
+            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+        )
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, a = layer.forward_with_aux(x, cos, sin)
+            aux = aux + a
+        return self.lm_head(self.norm(x)), coef * aux
 
 
 register_model(

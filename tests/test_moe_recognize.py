@@ -337,3 +337,59 @@ def test_bad_arguments_name_what_is_wrong(change, message):
     with pytest.raises(ValueError, match=message):  # the eager rule checks the same
         moe_experts(*(call[n] for n in names), act=call["act"], layout=call["layout"],
                     fused_gate_up=call["fused_gate_up"])
+
+
+class LeakyMoE(StackedMoE):
+    """StackedMoE that also returns a value of the experts' side of the block (the hidden
+    activations' mean): the region is not closed, so it must stay dense."""
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        top_p, top_i = probs.topk(self.k, dim=-1)
+        one_hot = (top_i[..., None] == torch.arange(self.w_in.shape[0])).to(x.dtype)
+        combine = (one_hot * top_p[..., None]).sum(dim=1)
+        xe = x.unsqueeze(0).expand(self.w_in.shape[0], -1, -1)
+        h = F.relu(torch.bmm(xe, self.w_in))
+        return (combine.t().unsqueeze(-1) * torch.bmm(h, self.w_out)).sum(dim=0), h.mean()
+
+
+def test_a_load_balancing_loss_keeps_the_block_recognised_and_exact():
+    """moe-tiny with router_aux_loss_coef: the loss counts each expert's one-hot choices,
+    values inside the block made from the routing alone. They stay in the graph beside
+    moe.experts, so both blocks are still recognised; the loss, the logits and every
+    gradient (the router's gets the loss's share) equal eager."""
+    import copy
+
+    model, inputs = build_model("moe-tiny", batch=2, seq=8, router_aux_loss_coef=0.01)
+    cm = _compile(model, inputs)
+    assert cm.graph.op_counts()[MOE_EXPERTS] == 2, cm.explain()
+    with torch.no_grad():
+        (logits, aux), (want_logits, want_aux) = cm(*inputs), model(*inputs)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, want_aux)
+    assert 0.01 <= float(aux) <= 0.01 * 2 * 4  # per layer: 1 uniform ... E all to one expert
+
+    ref = copy.deepcopy(model)
+    tr = meshweave.compile(model, inputs, options=meshweave.CompileOptions(training=True))
+    for fn, m in ((tr, model), (ref, ref)):
+        out, a = fn(*inputs)
+        (F.cross_entropy(out.reshape(-1, out.shape[-1]), inputs[0].reshape(-1)) + a).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    plain = build_model("moe-tiny", batch=2, seq=8)[0]
+    out = plain(*inputs)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), inputs[0].reshape(-1)).backward()
+    gate = "layers.0.moe.router.gate.weight"
+    assert not torch.allclose(dict(plain.named_parameters())[gate].grad,
+                              dict(ref.named_parameters())[gate].grad)
+
+
+def test_a_value_of_the_experts_side_read_outside_keeps_the_block_dense():
+    torch.manual_seed(0)
+    model, x = LeakyMoE().eval(), torch.randn(12, 16)
+    cm = _compile(model, (x,))
+    (block,) = cm.graph.meta["moe"].blocks
+    assert not block.recognised and "inside the block is also read by" in block.reason
+    with torch.no_grad():
+        for got, want in zip(cm(x), model(x)):
+            torch.testing.assert_close(got, want)

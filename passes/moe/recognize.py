@@ -109,7 +109,7 @@ def _rewrite(g: Graph, region: Region, call: ExpertsCall, names: NameGen) -> Nod
                     node)
     y.producer = node
     node.outputs = (y, dropped)
-    members = set(region.nodes)
+    members = set(region.nodes) - set(region.kept)  # routing values read outside stay
     g.nodes = [node if n is old else n for n in g.nodes if n is old or n not in members]
     return node
 

@@ -78,6 +78,9 @@ class Region:
     constants: list[Value]  # state inputs the region reads besides params (scalar tensors)
     shape_inputs: list[Value]  # read only for their shape (zeros_like(probs))
     hints: dict = dataclasses.field(default_factory=dict)  # symbol -> traced size
+    # region nodes made from the routing alone whose values are read outside it too (a
+    # load-balancing loss counting each expert's one-hot choices): they stay in the graph
+    kept: list[Node] = dataclasses.field(default_factory=list)
 
 
 def expert_params(graph: Graph, num_experts: int) -> set[Value]:
@@ -170,14 +173,14 @@ def _region_for(sc: Scope, y: Value, params, w: Value, i: Value, anc: set[Node])
         raise NoMatch(f"the combine %{y.name}: {y.type} does not match the expert input "
                       f"%{x.name}: {x.type}")
     nodes = [n for n in sc.order if n in inside]
-    _check_closed(sc, nodes, y)
+    kept = _check_closed(sc, nodes, y, {x, *params})
     first_use = {}
     for n in nodes:
         for v in sc.ins[n]:
             if v in params:
                 first_use.setdefault(v, len(first_use))
     return Region(sc.router, x, w, i, sorted(params, key=first_use.__getitem__), y, nodes,
-                  extra_state, shape_inputs, sc.graph.hints())
+                  extra_state, shape_inputs, sc.graph.hints(), kept)
 
 
 def _pull_constant(n: Node, inside: set, produced: set, extra_state: list) -> None:
@@ -212,10 +215,27 @@ def _dispatch_input(externals: list[Value], router: Router, inside: set, produce
     return x
 
 
-def _check_closed(sc: Scope, nodes: list[Node], y: Value) -> None:
+def _check_closed(sc: Scope, nodes: list[Node], y: Value,
+                  experts_side: set[Value]) -> list[Node]:
+    """The region's nodes whose values must stay for readers outside it: only routing-only
+    ones (made without the expert input or weights) may; any other outside read is NoMatch."""
     members = set(nodes)
     outs = set(sc.graph.outputs)
+    tainted = set(experts_side)  # values made from x or the expert weights
     for n in nodes:
+        if any(v in tainted for v in sc.ins[n]):
+            tainted.update(n.outputs)
+    kept: set[Node] = set()
+    for n in nodes:
+        if any(o in outs or any(u not in members for u in sc.users.get(o, ()))
+               for o in n.outputs if o is not y) and not any(o in tainted for o in n.outputs):
+            kept.add(n)
+    for n in reversed(nodes):  # with the region nodes they read
+        if n in kept:
+            kept.update(v.producer for v in sc.ins[n] if v.producer in members)
+    for n in nodes:
+        if n in kept:
+            continue
         for o in n.outputs:
             if o is y:
                 continue
@@ -227,3 +247,4 @@ def _check_closed(sc: Scope, nodes: list[Node], y: Value) -> None:
                     raise NoMatch(f"%{o.name} inside the block is also read by "
                                   f"%{u.outputs[0].name if u.outputs else '?'} = {u.op} "
                                   f"outside it")
+    return [n for n in nodes if n in kept]
