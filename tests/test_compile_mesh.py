@@ -190,3 +190,31 @@ def test_the_search_plans_a_module_returning_its_loss_whole():
     assert cm.plan.micro_batches == 1 and cm.plan.world_size == 4
     torch.testing.assert_close(simulate_plan(cm.graph, cm.plan, [x, y])[0],
                                run_graph(cm.graph, [x, y])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_cost_model_prices_the_vocab_parallel_softmax_all_reduces():
+    """The log-softmax's vocab strategy pays its all-reduces of the rows' statistics (max and
+    sum of exponentials in the forward, the gradient sum in the backward): fp32, one value per
+    row, over the tp link; no other strategy pays them."""
+    from meshweave.ir.mesh import DeviceMesh
+    from meshweave.passes.parallel.cost.collectives import collective_time
+    from meshweave.passes.parallel.cost.hardware import get_spec
+    from meshweave.passes.parallel.search.candidates import PlannerState
+    from meshweave.passes.parallel.strategies.compute_rules import VOCAB_SOFTMAX
+
+    model, (x,) = build_model("gpt-tiny", batch=4, seq=8)
+    cm = meshweave.compile(_WithLoss(model), (x, torch.roll(x, -1, 1)),
+                           options=meshweave.CompileOptions(training=True))
+    mesh = DeviceMesh((1, 2), ("dp", "tp"))
+    for training in (True, False):
+        state = PlannerState(cm.graph, get_spec("h100"), batch=4, training=training)
+        mm = state.model(mesh, 4)
+        n = next(n for n in cm.graph.nodes if n.op == "aten._log_softmax.default")
+        strats = mm.strategies(n)
+        vocab = [s for s in strats if VOCAB_SOFTMAX in s.tags]
+        assert vocab and all(mm._vocab_softmax_time(n, s) == 0 for s in strats
+                             if s not in vocab)
+        rows = 4 * 8  # batch x seq rows, one fp32 statistic each
+        ar = collective_time("all_reduce", 4.0 * rows, 2, mm.comm.links[1])
+        want = ar * (1.0 if training else 2.0)  # x3 training multiplier: 3 all-reduces
+        assert mm._vocab_softmax_time(n, vocab[0]) == pytest.approx(want)

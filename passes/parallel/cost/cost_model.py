@@ -33,11 +33,12 @@ from meshweave.ir.mesh import DeviceMesh
 from meshweave.ir.registry import lookup
 from meshweave.ir.sharding import Partial, Replicate, Shard
 from meshweave.ir.types import TensorType
-from .collectives import _transition_rank, link_for_axis, resharding_cost
+from .collectives import _transition_rank, collective_time, link_for_axis, resharding_cost
 from .hardware import HardwareSpec, canonical_dtype
 from .moe_cost import exchange_time
 from .optimizer_shard import param_training_memory
 from ..strategies.axis import node_inputs
+from ..strategies.compute_rules import VOCAB_SOFTMAX
 from ..strategies.moe_rules import check_ep_mesh, restrict_for_ep
 from ..strategies.node_strategies import (
     BatchInfo,
@@ -155,9 +156,27 @@ class MeshModel:
             # expert parallelism's dispatch + combine all-to-all (moe_cost.py)
             t += exchange_time(n, s, self._local_of, self.mesh.shape, self.comm.links,
                                self.training)
+            t += self._vocab_softmax_time(n, s)
             times.append(t)
             mem.append(out_bytes if self.training and cat not in _NO_SAVE else 0.0)
         return np.array(times), np.array(mem, dtype=float)
+
+    def _vocab_softmax_time(self, n: Node, s: NodeStrategy) -> float:
+        """A vocab-parallel log-softmax's all-reduces over each axis that splits the vocab:
+        the rows' max and sum of exponentials (fp32) in the forward, the sum of the
+        gradients in the backward; returned per forward (the training multiplier is 3)."""
+        if n.op != "aten._log_softmax.default" or VOCAB_SOFTMAX not in s.tags:
+            return 0.0  # (the vocab-parallel embedding's tag is "vocab" too)
+        local = self._local(n.outputs[0], s.outs[0], self.mesh.shape)
+        dim = n.args[1] % len(local.shape)
+        rows_bytes = 4.0 * math.prod(local.shape) / max(1, local.shape[dim])
+        t = 0.0
+        for a, tag in enumerate(s.tags):
+            if tag == VOCAB_SOFTMAX and self.mesh.shape[a] > 1:
+                ar = collective_time("all_reduce", rows_bytes, self.mesh.shape[a],
+                                     self.comm.links[a])
+                t += ar * (3.0 / 3.0 if self.training else 2.0)
+        return t
 
     def _local_cost(self, n: Node, s: NodeStrategy) -> tuple[float, float, float]:
         ms = self.mesh.shape

@@ -242,7 +242,7 @@ def softmax_rule(op: OpView) -> list[AxisStrategy]:
     if op.node.op == "aten._log_softmax.default" and xt.shape[dim] != 1:
         # vocab-parallel log-softmax (Megatron's cross-entropy): the row max and the sum of
         # exponentials are all-reduced over the axis, so the logits stay split
-        # (lower/rules.py emits it; cost_model prices the two all-reduces)
+        # (lower/rules.py emits it; cost_model.py prices the all-reduces)
         out.append(op.make({x: Shard(dim)}, Shard(dim), VOCAB_SOFTMAX))
     return out
 
