@@ -147,10 +147,11 @@ def _repeat_batch(args: tuple, kwargs: dict | None, dp: int):
 def _check_local_plan(plan) -> None:
     from meshweave.ir.errors import MeshweaveError
 
-    if plan.num_stages > 1:
-        raise MeshweaveError(f"CompileOptions.local_batch=True needs a plan of one pipeline "
-                             f"stage (DDP-style data parallelism, with tp); this plan has "
-                             f"{plan.num_stages} stages: pass the global batch instead")
+    if plan.num_stages > 1 and not plan.uniform:
+        raise MeshweaveError(f"CompileOptions.local_batch=True with pipeline stages needs "
+                             f"stages of one mesh (each rank's outputs come from the last "
+                             f"stage's rank at its coordinates); this plan's stage meshes are "
+                             f"{plan.meshes_text()}: pass the global batch instead")
 
 
 def _quant_passes(options: CompileOptions, signature: Signature) -> list:

@@ -31,9 +31,9 @@ class CompileOptions:
         JSON, to run instead of planning for `mesh` (which may then be omitted; given, its size
         must be the plan's). It must have been made for the traced global batch.
     micro_batches: pipeline micro-batches of a dp/tp/pp-named mesh's plan.
-    local_batch: with a plan that has a "dp" axis and one pipeline stage, every rank passes its
-        own slice of the global batch (dim 0 of each tensor argument; the example too) and gets
-        that slice's outputs, as DDP takes them: the outputs are not gathered over dp, and
+    local_batch: with a plan that has a "dp" axis (and pipeline stages of one mesh, if any),
+        every rank passes its own slice of the global batch (dim 0 of each tensor argument;
+        the example too) and gets that slice's outputs, as DDP takes them: the outputs are not gathered over dp, and
         backward() of a loss averaged over the local batch gives DDP's averaged gradients.
         cm.data_parallel_rank() says which slice a rank feeds. The model is traced at the
         global batch (the example repeated dp times).

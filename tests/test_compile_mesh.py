@@ -127,9 +127,9 @@ def test_local_batch_checks_the_plan_and_the_per_rank_shapes():
     with pytest.raises(MeshweaveError, match="has none; use a named mesh"):
         meshweave.compile(model, inputs, options=meshweave.CompileOptions(
             mesh=meshweave.DeviceMesh((2,), ("tp",)), local_batch=True))
-    with pytest.raises(MeshweaveError, match="needs a plan of one pipeline stage"):
-        meshweave.compile(model, inputs, options=meshweave.CompileOptions(
-            mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))
+    pipelined = meshweave.compile(model, inputs, options=meshweave.CompileOptions(
+        mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))
+    assert pipelined.plan.num_stages == 2 and pipelined.plan.uniform
 
 
 class _WithLoss(torch.nn.Module):

@@ -54,6 +54,15 @@ def test_a_module_returning_its_loss_trains_vocab_parallel(ranks, mesh):
 
 
 @pytest.mark.timeout(240)
+def test_per_rank_batches_through_pipeline_stages():
+    """local_batch=True on dp=2,pp=2 with 2 micro-batches: each rank's outputs are its own
+    rows, sent by the last stage's rank at its mesh coordinates; two AdamW steps equal one
+    device's."""
+    out = _torchrun(4, "dp=2,pp=2", "--per-rank-batch", "--micro-batches", "2")
+    assert "plan: 2 stage(s) x mesh 2x1, 2 micro-batch(es)" in out and "missing []" in out, out
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.heavy
 def test_per_rank_batches_with_tensor_parallelism_and_micro_batches():
     out = _torchrun(4, "dp=2,tp=2", "--per-rank-batch", "--micro-batches", "2")

@@ -42,7 +42,8 @@ Local batches (CompileOptions(local_batch=True), DDP's convention): each rank pa
 slice of the global batch along the dp axis. The slices are all-gathered (inputs are small) and
 laid out so that the usual cuts give each rank its own rows back; the lowering keeps the
 outputs' dp slices (lower_for_rank's local_axis), so each rank gets its rows' outputs and the
-logits are never gathered over dp. The same division of the output gradients by
+logits are never gathered over dp (with pipeline stages of one mesh, from the last stage's
+rank at its coordinates). The same division of the output gradients by
 the last stage's copies then gives DDP's average of the ranks' local-mean gradients.
 
 Weights: every rank holds the model (as with DDP); rank 0's parameters and buffers are
@@ -242,9 +243,12 @@ class RankModule:
         return self.ex.coords[a], self.ex.mesh.shape[a]
 
     def _to_every_stage(self, full: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The last stage's outputs on every rank (a broadcast from its first rank)."""
+        """The last stage's outputs on every rank (a broadcast from its first rank; with
+        local batches, each rank's own rows from the last stage's rank at its coordinates)."""
         if self.plan.num_stages == 1:
             return full
+        if self.dp_axis is not None:
+            return self._from_my_twin(full)
         src = self.plan.stage_mesh(self.plan.num_stages - 1).devices[0]
         meta = [[(tuple(o.shape), o.dtype) for o in full] if self.rank == src else None]
         dist.broadcast_object_list(meta, src=src)
@@ -255,6 +259,21 @@ class RankModule:
         for t in sent:
             dist.broadcast(t, src=src)
         return full if self.ex.is_last else sent
+
+    def _from_my_twin(self, full: list[torch.Tensor]) -> list[torch.Tensor]:
+        """local_batch with pipeline stages: the last stage's rank at each mesh coordinate
+        sends its outputs (that coordinate's dp rows) to the ranks at the same coordinate in
+        the other stages (copies: the last stage speaks for the loss, as without local
+        batches)."""
+        from .executor import _recv_tensors, _send_tensors
+
+        ex, last = self.ex, self.plan.num_stages - 1
+        if ex.is_last:
+            sent = [o.detach().contiguous() for o in full]
+            for stage in range(last):
+                _send_tensors(sent, ex._peer(stage), ex.device)
+            return full
+        return _recv_tensors(ex._peer(last), ex.device)
 
     # ------------------------------------------------------------------ after backward
     def finish_backward(self) -> None:
