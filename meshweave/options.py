@@ -33,8 +33,9 @@ class CompileOptions:
     micro_batches: pipeline micro-batches of a dp/tp/pp-named mesh's plan.
     local_batch: with a plan that has a "dp" axis (and pipeline stages of one mesh, if any),
         every rank passes its own slice of the global batch (dim 0 of each tensor argument;
-        the example too) and gets that slice's outputs, as DDP takes them: the outputs are not gathered over dp, and
-        backward() of a loss averaged over the local batch gives DDP's averaged gradients.
+        the example too) and gets that slice's outputs, as DDP takes them: the outputs are
+        not gathered over dp, and backward() of a loss averaged over the local batch gives
+        DDP's averaged gradients.
         cm.data_parallel_rank() says which slice a rank feeds. The model is traced at the
         global batch (the example repeated dp times).
     hardware: hardware spec name or path used by cost models (default h100).
