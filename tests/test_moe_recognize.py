@@ -393,3 +393,28 @@ def test_a_value_of_the_experts_side_read_outside_keeps_the_block_dense():
     with torch.no_grad():
         for got, want in zip(cm(x), model(x)):
             torch.testing.assert_close(got, want)
+
+
+def test_hf_mixtrals_router_loss_keeps_its_blocks_recognised():
+    """HF Mixtral with output_router_logits: its load-balancing loss (from the router logits,
+    outside the blocks) comes out of the compiled model equal to eager's, both blocks are
+    moe.experts, and training on cross-entropy + that loss gives eager's gradients."""
+    pytest.importorskip("transformers")
+    import copy
+
+    model, (x,) = build_model("hf:mixtral", batch=2, seq=8)
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.02
+    ref = copy.deepcopy(model)
+    cm = _compile(model, (x,))
+    assert cm.graph.op_counts()[MOE_EXPERTS] == 2, cm.explain()
+    with torch.no_grad():
+        got, want = cm(x), ref(x)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    tr = meshweave.compile(model, (x,), options=meshweave.CompileOptions(training=True))
+    for fn in (tr, ref):
+        out = fn(x)
+        (F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), x.reshape(-1))
+         + out.aux_loss).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
