@@ -89,7 +89,9 @@ def compile(
                            hardware=options.hardware or "h100",
                            micro_batches=options.micro_batches,
                            memory_budget=_planner_memory(options),
-                           remat_curve=_remat_curve(cm) if options.training else None)
+                           # the curve's solves are paid only where memory is capped
+                           remat_curve=_remat_curve(cm) if options.training
+                           and options.memory_limit is not None else None)
     if dp is not None:
         _check_local_plan(cm.plan)
         cm.signature = signature.local_batch(dp, batched)

@@ -65,7 +65,7 @@ class CompileOptions:
         (passes/offload/, runtime/offload/; APEX-style hybrid execution). Under mesh=, the
         memory per device the parallel planner plans in: a training stage over it recomputes,
         at the budget the remat pass's curve says fits (StagePlan.memory_budget). None plans
-        against the spec's device memory.
+        against the spec's device memory (a stage over it then recomputes whole layers).
     """
 
     eager_fallback: bool = True
