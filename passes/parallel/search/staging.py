@@ -12,7 +12,9 @@ and the point-to-point transfers to its neighbours), B micro-batches, and sync_i
 reduction once per step (bucketed, as the runtime does it: the bytes of every parameter, the
 latency once). Memory per device of stage i is its weights (+ grads and optimizer
 states) plus the activations of the micro-batches in flight (1F1B: min(B, S - i)); with
-recomputation only each layer's input stays per micro-batch, plus one layer's activations.
+recomputation only each layer's input stays per micro-batch, plus one layer's activations;
+with the remat pass's own curve (UnitTable.curve, passes/remat/curve.py), the stage takes the
+first (kept, extra compute) point that fits, and the plan gives its ranks that budget.
 Per stage, recomputation is switched on only when the stage does not fit without it.
 """
 
