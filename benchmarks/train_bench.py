@@ -6,8 +6,8 @@
 
 Every configuration runs the three competitors in the same process on the same weights and
 batch: eager PyTorch, `torch.compile` (default mode, Inductor) and `meshweave.compile(...,
-CompileOptions(training=True))` (the joint forward+backward IR; backend triton on a GPU, the
-reference executor on the CPU). Each prints its cold compile time (the first step, trace and
+CompileOptions(training=True))` (the joint forward+backward IR; backend triton on a GPU, on
+the CPU the eager backend's generated Python, runtime/python_runner.py). Each prints its cold compile time (the first step, trace and
 codegen included) and its median step time over the timed steps; the summary line per
 configuration is
 
@@ -29,6 +29,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# cold means cold: Inductor's on-disk caches (FX graphs, kernels) start empty in each run
+# unless the caller points TORCHINDUCTOR_CACHE_DIR somewhere (before torch is imported)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="train_bench_inductor_")
 
 
 def _sync(device: str) -> None:

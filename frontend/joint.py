@@ -56,6 +56,12 @@ class JointProgram:
     graphs: dict[str, Graph]  # "forward" and "backward"
     fn: Callable[..., list[Any]]
     parameters: list[torch.Tensor] = dataclasses.field(default_factory=list)  # what fn trains
+    compilers: JointCompilers | None = None
+
+    def regenerate(self, kind: str) -> None:
+        """Rebuild what runs graph `kind` ("forward"/"backward") from its IR as it stands now
+        (after an edit: the backends generate their programs once, at compile time)."""
+        self.compilers.regenerate(kind)
 
     @property
     def num_outputs(self) -> int:
@@ -204,6 +210,10 @@ class JointCompilers:
         self.eager_fallback, self.optimize, self.make_runner = eager_fallback, optimize, make_runner
         self.recomputed, self.rewrite = recomputed, rewrite
         self.graphs: dict[str, Graph] = {}
+        self.runners: dict[str, Callable] = {}  # what runs each graph (regenerate swaps it)
+
+    def regenerate(self, kind: str) -> None:
+        self.runners[kind] = self.make_runner(self.graphs[kind])
 
     def _compile(self, kind: str, gm: fx.GraphModule, targets: list[str],
                  marked: set[str] = frozenset()) -> Callable:
@@ -221,7 +231,8 @@ class JointCompilers:
                 if outs & marked:
                     n.attrs["recompute"] = True
             self.graphs[kind] = g = self.optimize(self.rewrite(g))
-            return _boxed(g, self.make_runner(g))
+            self.runners[kind] = self.make_runner(g)
+            return _boxed(g, lambda args: self.runners[kind](args))
 
     def forward(self, gm: fx.GraphModule, _example) -> Callable:
         return self._compile("forward", gm, self.targets)
@@ -281,4 +292,4 @@ def build_joint(
         raise FrontendError(
             f"AOTAutograd could not trace the training step of {name}: {type(e).__name__}: {e}"
         ) from e
-    return JointProgram(graphs, fn, list(flat.parameters()))
+    return JointProgram(graphs, fn, list(flat.parameters()), compilers)

@@ -250,6 +250,7 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
     from meshweave.codegen import triton_runner
     from meshweave.ir.errors import MeshweaveError
     from meshweave.passes.remat.partition import partition_for
+    from meshweave.runtime.python_runner import python_runner
 
     trainable = [n for n, p in model.named_parameters()
                  if p.requires_grad and p.dtype.is_floating_point]
@@ -265,7 +266,8 @@ def _attach_training(cm, model, ep, args, kwargs, options) -> None:
         return run_pipeline(g, passes, verify_each=options.verify)
 
     leaves = cm.signature.flatten(args, dict(kwargs or {}))
-    kw = {"make_runner": triton_runner(options)} if cm.backend == "triton" else {}
+    # the eager backend runs both graphs as generated Python (runtime/python_runner.py)
+    kw = {"make_runner": triton_runner(options) if cm.backend == "triton" else python_runner}
     cm.remat = remat = {}
     kw["partition"] = partition_for(options.memory_budget, options.hardware, remat,
                                     _leaf_device(leaves))

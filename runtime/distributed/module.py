@@ -78,7 +78,8 @@ class RankModule:
                  make_runner=None):
         """`partition`/`recomputed`: the rank joint's partition (passes/remat/ under
         CompileOptions.memory_budget) and the names it recomputes; `make_runner`: what runs
-        its graphs (default the reference executor; the Triton backend's) (rank_joint.py)."""
+        its graphs (default the reference executor's program as generated Python,
+        runtime/python_runner.py; the Triton backend's) (rank_joint.py)."""
         from ...passes.parallel.lower.rank import lower_for_rank
         from .groups import init_plan_groups
         from .program import program_from_lowered, tie_rank_groups
@@ -110,7 +111,7 @@ class RankModule:
 
     def _build_joint(self, partition, recomputed, make_runner) -> None:
         """The rank's forward and backward as IR (rank_joint.py), where the program allows."""
-        from ...frontend.joint import reference_runner
+        from ..python_runner import python_runner
         from .rank_joint import build_rank_joint, untraceable
 
         why = untraceable(self.program.graph)
@@ -119,7 +120,7 @@ class RankModule:
             return
         self.joint = build_rank_joint(self.program.graph, self.ex.tensors,
                                       optimize=_rank_passes,
-                                      make_runner=make_runner or reference_runner,
+                                      make_runner=make_runner or python_runner,
                                       partition=partition, recomputed=recomputed)
         self.backward_kind = "meshweave IR (the rank's joint graph)"
 
