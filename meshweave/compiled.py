@@ -232,7 +232,8 @@ class CompiledModel:
     @property
     def backward_kind(self) -> str | None:
         """Under mesh= with training: what runs this rank's backward, the rank's backward IR
-        or (for programs with stage transfers inside) torch autograd, with the reason."""
+        or (expert-parallel MoE, a receive after a send, an untraceable program) torch
+        autograd, with the reason."""
         return getattr(self._rank, "backward_kind", None)
 
     def memory_stats(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

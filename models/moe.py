@@ -72,6 +72,9 @@ class MoEConfig:
             raise ValueError(f"unknown expert_activation {self.expert_activation!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError("need 1 <= top_k <= num_experts")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"MoEConfig: router_aux_loss_coef must be >= 0 (0 turns the "
+                             f"load-balancing loss off), got {self.router_aux_loss_coef!r}")
         if self.shared_gate not in SHARED_GATES:
             raise ValueError(f"MoEConfig: unknown shared_gate {self.shared_gate!r}; expected "
                              f"one of {SHARED_GATES}")

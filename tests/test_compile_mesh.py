@@ -3,6 +3,7 @@ group the model plans, reports and exports; calling it says how to start the ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from meshweave.api import _check_local_plan
 from meshweave.cli_parallel import plan_for_mesh
 from meshweave.ir.errors import MeshweaveError
 from meshweave.models import build_model
@@ -130,6 +132,11 @@ def test_local_batch_checks_the_plan_and_the_per_rank_shapes():
     pipelined = meshweave.compile(model, inputs, options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2, 2), ("dp", "pp")), local_batch=True))
     assert pipelined.plan.num_stages == 2 and pipelined.plan.uniform
+    plan = pipelined.plan  # a stage on another mesh shape: no rank pairs up with the last
+    uneven = dataclasses.replace(plan, stages=[plan.stages[0], dataclasses.replace(
+        plan.stages[1], mesh_shape=(1, 2))])
+    with pytest.raises(MeshweaveError, match="needs stages of one mesh"):
+        _check_local_plan(uneven)
 
 
 class _WithLoss(torch.nn.Module):

@@ -384,6 +384,11 @@ def test_a_load_balancing_loss_keeps_the_block_recognised_and_exact():
                               dict(ref.named_parameters())[gate].grad)
 
 
+def test_a_negative_load_balancing_coefficient_is_refused():
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef must be >= 0 .* got -0.1"):
+        build_model("moe-tiny", router_aux_loss_coef=-0.1)
+
+
 def test_a_value_of_the_experts_side_read_outside_keeps_the_block_dense():
     torch.manual_seed(0)
     model, x = LeakyMoE().eval(), torch.randn(12, 16)

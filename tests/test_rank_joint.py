@@ -63,12 +63,32 @@ def test_traced_collectives_are_the_executors_exact_adjoints():
             assert err == 0 and grad_err < 1e-6 and shape_ok, (op, err, grad_err, shape_ok)
 
 
-def _train_tp(rank, world, cm, x, want_loss, want_grads):
-    out = cm(x)
-    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
+def _lm_loss(out, x):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
+
+
+def _eager_gpt():
+    """(gpt-tiny, its batch, eager's gradients by parameter name, eager's loss) for the
+    cross-entropy on the batch itself: what every rank's result is checked against."""
+    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
+    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
+    ref.load_state_dict(model.state_dict())
+    loss = _lm_loss(ref(x), x)
     loss.backward()
-    grads = {n: float((p.grad - want_grads[n]).abs().max())
-             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape}
+    return model, x, {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}, \
+        float(loss.detach())
+
+
+def _grad_errors(cm, want: dict) -> dict:
+    """Max |rank gradient - eager's| of each parameter the rank holds whole (replicated)."""
+    return {n: float((p.grad - want[n]).abs().max())
+            for n, p in cm.named_parameters() if p.shape == want[n].shape}
+
+
+def _train_tp(rank, world, cm, x, want_loss, want_grads):
+    loss = _lm_loss(cm(x), x)
+    loss.backward()
+    grads = _grad_errors(cm, want_grads)
     count = collections.Counter
     ops = {k: count(n.op for n in g.nodes if n.op.startswith(("dist.", "meshweave.attention")))
            for k, g in (("forward", cm.forward_graph), ("backward", cm.backward_graph))}
@@ -81,17 +101,11 @@ def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
     all-reduce and the logits' all-gather its reduce-scatter, and attention is meshweave's
     forward/backward pair (as on one device); most backward nodes carry a
     source line; the loss and the replicated parameters' gradients equal one device's."""
-    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
-    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
-    ref.load_state_dict(model.state_dict())
-    out = ref(x)
-    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
-    loss.backward()
-    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    model, x, want, loss = _eager_gpt()
     cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True))
-    for kind, loss_err, grads, ops, sources in launch(_train_tp, 2,
-                                                     (cm, x, float(loss.detach()), want), timeout_s=120):
+    for kind, loss_err, grads, ops, sources in launch(_train_tp, 2, (cm, x, loss, want),
+                                                     timeout_s=120):
         assert kind.startswith("meshweave IR"), kind
         assert abs(loss_err) < 1e-5 and grads and max(grads.values()) < 1e-5, (loss_err, grads)
         fw, bw = ops["forward"], ops["backward"]
@@ -104,11 +118,9 @@ def test_the_rank_backward_is_ir_holding_the_collectives_adjoints():
 
 
 def _train_budget(rank, world, cm, x, want_grads):
-    out = cm(x)
-    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    _lm_loss(cm(x), x).backward()
     sol = cm.rank_remat["solution"]
-    grads = [float((p.grad - want_grads[n]).abs().max())
-             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape]
+    grads = list(_grad_errors(cm, want_grads).values())
     marked = sum(bool(n.attrs.get("recompute")) for n in cm.backward_graph.nodes)
     collectives_recomputed = [n for n in cm.backward_graph.nodes
                               if n.attrs.get("recompute") and n.op.startswith("dist.")]
@@ -120,12 +132,7 @@ def test_a_memory_budget_under_a_mesh_is_each_ranks_own():
     """memory_budget=0.4 with tp=2: passes/remat/ partitions each rank's joint graph under 40%
     of the rank's own saved bytes, the recomputed nodes are marked in the rank's backward IR
     (collectives never recomputed), and the gradients still equal one device's."""
-    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
-    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
-    ref.load_state_dict(model.state_dict())
-    out = ref(x)
-    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
-    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    model, x, want, _ = _eager_gpt()
     cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True, memory_budget=0.4))
     for saved, full, recomputed, marked, grad_err, bad in launch(
@@ -136,10 +143,8 @@ def test_a_memory_budget_under_a_mesh_is_each_ranks_own():
 
 
 def _train_triton(rank, world, cm, x, want_grads):
-    out = cm(x)
-    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
-    grads = [float((p.grad - want_grads[n]).abs().max())
-             for n, p in cm.named_parameters() if p.shape == want_grads[n].shape]
+    _lm_loss(cm(x), x).backward()
+    grads = list(_grad_errors(cm, want_grads).values())
     art = {k: g.meta["kernels"] for k, g in (("forward", cm.forward_graph),
                                              ("backward", cm.backward_graph))}
     return (max(grads), {k: sum(x.kind == "matmul" for x in a.kernels) for k, a in art.items()},
@@ -151,12 +156,7 @@ def test_the_triton_backend_runs_each_ranks_forward_and_backward():
     """backend="triton" under tp=2: both of a rank's graphs become generated modules (the
     interpreter here), their collectives run through torch inside them, and the gradients
     equal one device's."""
-    model, (x,) = build_model("gpt-tiny", batch=2, seq=8)
-    ref = build_model("gpt-tiny", batch=2, seq=8)[0]
-    ref.load_state_dict(model.state_dict())
-    out = ref(x)
-    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
-    want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    model, x, want, _ = _eager_gpt()
     cm = meshweave.compile(model, (x,), options=meshweave.CompileOptions(
         mesh=meshweave.DeviceMesh((2,), ("tp",)), training=True, backend="triton"))
     for err, matmuls, fallbacks in launch(_train_triton, 2, (cm, x, want), timeout_s=240):
@@ -205,8 +205,7 @@ def test_a_collective_with_an_unknown_reduction_is_refused(op, kw, match):
 
 
 def _plan_budget(rank, world, cm, x):
-    out = cm(x)
-    F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
+    _lm_loss(cm(x), x).backward()
     return cm.rank_remat["budget"], cm.memory_stats(x)
 
 

@@ -69,11 +69,19 @@ def all_gather(x: torch.Tensor, dim: int, group: list[int], axis: str) -> torch.
     return C.all_gather(x.contiguous(), axis=axis or None, group=group, dim=dim)
 
 
+def _resized(x: torch.Tensor, grown: int | None, shrunk: int | None, n: int) -> torch.Tensor:
+    """An empty tensor shaped like x with dim `grown` times n and dim `shrunk` over n."""
+    shape = list(x.shape)
+    if grown is not None:
+        shape[grown] *= n
+    if shrunk is not None:
+        shape[shrunk] //= n
+    return x.new_empty(shape)
+
+
 @all_gather.register_fake
 def _(x, dim, group, axis):
-    shape = list(x.shape)
-    shape[dim] *= len(group)
-    return x.new_empty(shape)
+    return _resized(x, dim, None, len(group))
 
 
 @torch.library.custom_op("meshweave::reduce_scatter", mutates_args=())
@@ -83,9 +91,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: list[int], axis: str) -> to
 
 @reduce_scatter.register_fake
 def _(x, dim, group, axis):
-    shape = list(x.shape)
-    shape[dim] //= len(group)
-    return x.new_empty(shape)
+    return _resized(x, None, dim, len(group))
 
 
 @torch.library.custom_op("meshweave::all_to_all", mutates_args=())
@@ -97,10 +103,7 @@ def all_to_all(x: torch.Tensor, dim: int, concat_dim: int, group: list[int],
 
 @all_to_all.register_fake
 def _(x, dim, concat_dim, group, axis):
-    shape = list(x.shape)
-    shape[dim] //= len(group)
-    shape[concat_dim] *= len(group)
-    return x.new_empty(shape)
+    return _resized(x, concat_dim, dim, len(group))
 
 
 def _keep_inputs(ctx, inputs, output):
